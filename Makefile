@@ -1,0 +1,28 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints-dev.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/adacache-compile demo --out demo_out
+
+lint: $(STAMP)
+	$(BIN)/ruff check adacache_compile tests examples benchmarks
+	$(BIN)/ruff format --check adacache_compile tests examples benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q -n 2 -m "not gpu and not tensorrt"
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

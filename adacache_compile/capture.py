@@ -1,0 +1,341 @@
+"""Capture a model call as a plain, functional fx GraphModule with flat tensor inputs and outputs.
+
+``torch.export.export(strict=False)`` is the only tracer that handles the diffusers video transformers (FINDINGS.md:
+``symbolic_trace`` fails on all of them). The exported program is functionalized (``run_decompositions({})``, so no
+in-place op survives to confuse dead-code elimination or the program split) and rebuilt as a plain GraphModule whose
+parameters are ``get_attr`` nodes shared with the original module: no input-flattening code, no guards node, no
+input hook. The call's pytree structure is kept beside it so a drop-in module can flatten a call and rebuild the
+model's own output type (``Transformer2DModelOutput``, tuples, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import CaptureError, InputMismatchError
+
+__all__ = ["TensorSpec", "CallSignature", "Captured", "capture", "normalize_call", "call_signature"]
+
+logger = logging.getLogger(__name__)
+
+# Ops that only assert metadata; they carry no value and would pin tensors alive through DCE.
+_ASSERT_OPS = {torch.ops.aten._assert_tensor_metadata.default}
+if hasattr(torch.ops.aten, "_assert_scalar"):
+    _ASSERT_OPS.add(torch.ops.aten._assert_scalar.default)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape/dtype/device of one flat tensor input; ``None`` marks a dynamic dim, ``ranges`` its (min, max)."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: torch.dtype
+    device: torch.device
+    ranges: dict[int, tuple[int, int | None]] = field(default_factory=dict)
+
+    def check(self, tensor: torch.Tensor) -> None:
+        """Raise :class:`InputMismatchError` naming this input when ``tensor`` cannot be served."""
+        expected = "[" + ", ".join("*" if d is None else str(d) for d in self.shape) + "]"
+        if not isinstance(tensor, torch.Tensor):
+            raise InputMismatchError(f"input {self.name!r}: expected a tensor of shape {expected}, got {type(tensor)}")
+        if tensor.dim() != len(self.shape):
+            raise InputMismatchError(
+                f"input {self.name!r}: expected rank {len(self.shape)} (shape {expected}), got shape {tuple(tensor.shape)}"
+            )
+        for dim, (want, got) in enumerate(zip(self.shape, tensor.shape)):
+            if want is not None and want != got:
+                raise InputMismatchError(
+                    f"input {self.name!r}: dim {dim} must be {want} (expected shape {expected}), got {tuple(tensor.shape)}"
+                )
+            if want is None and dim in self.ranges:
+                lo, hi = self.ranges[dim]
+                if got < lo or (hi is not None and got > hi):
+                    raise InputMismatchError(
+                        f"input {self.name!r}: dim {dim} = {got} is outside the captured range [{lo}, {hi}]"
+                    )
+        if tensor.dtype != self.dtype:
+            raise InputMismatchError(f"input {self.name!r}: expected dtype {self.dtype}, got {tensor.dtype}")
+        if tensor.device.type != self.device.type:
+            raise InputMismatchError(f"input {self.name!r}: expected device {self.device}, got {tensor.device}")
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """What a capture depends on besides dynamic sizes: call structure and the non-tensor argument values."""
+
+    in_spec: pytree.TreeSpec
+    constants: tuple[tuple[int, Any], ...]
+    tensor_leaves: tuple[int, ...]
+
+
+@dataclass
+class Captured:
+    """A captured call: ``graph_module(*flat_tensors) -> tuple(flat_outputs)``."""
+
+    graph_module: fx.GraphModule
+    signature: CallSignature
+    out_spec: pytree.TreeSpec
+    input_specs: list[TensorSpec]
+    input_names: list[str]
+    output_names: list[str]
+    model_class: str
+
+    def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The flat tensor inputs of a call, checked against the capture (raises before any program runs)."""
+        leaves, sig = call_signature(self.model_forward_signature, args, kwargs)
+        if sig != self.signature:
+            raise InputMismatchError(
+                f"{self.model_class}: this call's structure or non-tensor arguments differ from the captured call "
+                f"({_describe_difference(self.signature, sig)})"
+            )
+        tensors = [leaves[i] for i in sig.tensor_leaves]
+        for spec, tensor in zip(self.input_specs, tensors):
+            spec.check(tensor)
+        return tensors
+
+    def matches(self, args: tuple, kwargs: dict) -> bool:
+        try:
+            self.flatten(args, kwargs)
+        except InputMismatchError:
+            return False
+        return True
+
+    def unflatten(self, outputs) -> Any:
+        return pytree.tree_unflatten(list(outputs), self.out_spec)
+
+    model_forward_signature: inspect.Signature | None = None
+
+
+def normalize_call(forward_sig: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Bind a call to the forward signature so positional and keyword spellings of one call capture once."""
+    if forward_sig is None:
+        return args, dict(sorted(kwargs.items()))
+    kinds = {p.kind for p in forward_sig.parameters.values()}
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return args, dict(sorted(kwargs.items()))
+    try:
+        bound = forward_sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputMismatchError(f"call does not match the model's forward signature {forward_sig}: {e}") from e
+    bound.apply_defaults()
+    out = {}
+    for name, value in bound.arguments.items():
+        if forward_sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(sorted(value.items()))
+        else:
+            out[name] = value
+    return (), out
+
+
+def call_signature(forward_sig, args, kwargs) -> tuple[list, CallSignature]:
+    args, kwargs = normalize_call(forward_sig, args, kwargs)
+    leaves, in_spec = pytree.tree_flatten((args, kwargs))
+    tensor_leaves = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+    constants = tuple((i, _hashable(leaf)) for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor))
+    return leaves, CallSignature(in_spec, constants, tensor_leaves)
+
+
+def _hashable(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _describe_difference(want: CallSignature, got: CallSignature) -> str:
+    if want.in_spec != got.in_spec:
+        return f"captured structure {want.in_spec}, got {got.in_spec}"
+    diffs = [f"leaf {i}: captured {a!r}, got {b!r}" for (i, a), (_, b) in zip(want.constants, got.constants) if a != b]
+    return "; ".join(diffs) or "tensor leaves differ"
+
+
+def _leaf_names(in_spec: pytree.TreeSpec, num_leaves: int) -> list[str]:
+    """Readable names of flat leaves: ``hidden_states``, ``added_cond_kwargs.resolution``, ``args.0``."""
+    dummy = pytree.tree_unflatten(list(range(num_leaves)), in_spec)
+    names = [""] * num_leaves
+    for path, leaf in pytree.tree_flatten_with_path(dummy)[0]:
+        parts = []
+        for key in path[1:]:  # path[0] selects args (0) or kwargs (1)
+            parts.append(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))))
+        prefix = "args" if path[0].idx == 0 else ""
+        names[leaf] = ".".join(([prefix] if prefix else []) + parts)
+    return names
+
+
+def _dynamic_shapes(args, kwargs, dynamic: bool):
+    def spec(leaf):
+        if not isinstance(leaf, torch.Tensor) or not dynamic:
+            return None
+        # Dim.AUTO lets export keep a dim dynamic where the model allows it and specialise it elsewhere; sizes < 2
+        # would be specialised anyway (0/1 specialisation), so they are left static.
+        return {d: Dim.AUTO for d, size in enumerate(leaf.shape) if size >= 2} or None
+
+    if args:  # only for forward(*args): export's dynamic_shapes cannot name those inputs, so they stay static
+        logger.info("forward() takes *args: capturing with static shapes")
+        return None
+    return {name: pytree.tree_map(spec, value, is_leaf=lambda x: x is None) for name, value in kwargs.items()}
+
+
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic: bool = True) -> Captured:
+    """Export ``model(*args, **kwargs)`` and rebuild it as a plain functional GraphModule over flat tensors."""
+    kwargs = dict(kwargs or {})
+    forward_sig = _forward_signature(model)
+    args, kwargs = normalize_call(forward_sig, args, kwargs)
+    model_class = type(model).__name__
+    try:
+        exported = torch.export.export(
+            model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs, dynamic), strict=False
+        )
+        exported = exported.run_decompositions({})
+    except Exception as e:  # torch.export raises many unrelated types; all mean "cannot capture"
+        raise CaptureError(
+            f"{model_class}: torch.export.export(strict=False) failed: {type(e).__name__}: {str(e).splitlines()[0]}. "
+            "adacache-compile needs a model that torch.export can capture; data-dependent Python control flow on "
+            "tensor values inside forward() is the usual cause."
+        ) from e
+
+    graph_module = _unlift(model, exported)
+    leaves, signature = call_signature(forward_sig, args, kwargs)
+    names = _leaf_names(signature.in_spec, len(leaves))
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    input_specs, input_names = [], []
+    for leaf_index, node in zip(signature.tensor_leaves, placeholders):
+        input_names.append(names[leaf_index])
+        input_specs.append(_tensor_spec(names[leaf_index], node.meta["val"], leaves[leaf_index], exported))
+    output_node = graph_module.graph.output_node()
+    num_outputs = len(output_node.args[0])
+    output_names = _leaf_names_out(exported.call_spec.out_spec, num_outputs)
+    captured = Captured(
+        graph_module=graph_module,
+        signature=signature,
+        out_spec=exported.call_spec.out_spec,
+        input_specs=input_specs,
+        input_names=input_names,
+        output_names=output_names,
+        model_class=model_class,
+        model_forward_signature=forward_sig,
+    )
+    logger.info(
+        "captured %s: %d tensor inputs (%s), %d outputs, %d nodes",
+        model_class,
+        len(input_specs),
+        ", ".join(f"{s.name}{list(s.shape)}" for s in input_specs),
+        num_outputs,
+        len(graph_module.graph.nodes),
+    )
+    return captured
+
+
+def _forward_signature(model) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _leaf_names_out(out_spec: pytree.TreeSpec, num: int) -> list[str]:
+    dummy = pytree.tree_unflatten(list(range(num)), out_spec)
+    names = [""] * num
+    for path, leaf in pytree.tree_flatten_with_path(dummy)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names[leaf] = "output." + ".".join(parts) if parts else "output"
+    return names
+
+
+def _tensor_spec(name: str, fake: torch.Tensor, real: torch.Tensor, exported) -> TensorSpec:
+    shape, ranges = [], {}
+    for dim, size in enumerate(fake.shape):
+        if isinstance(size, torch.SymInt):
+            shape.append(None)
+            expr = size.node.expr
+            vr = exported.range_constraints.get(expr)
+            lo = 1  # export's lower bound of 2 is its 0/1-specialisation rule; the graph itself serves size 1
+            hi = None
+            if vr is not None and vr.upper.is_Integer:
+                hi = int(vr.upper)
+            ranges[dim] = (lo, hi)
+        else:
+            shape.append(int(size))
+    return TensorSpec(name, tuple(shape), real.dtype, real.device, ranges)
+
+
+def _unlift(model: torch.nn.Module, exported) -> fx.GraphModule:
+    """Rebuild the exported graph with parameters/buffers as get_attr nodes and only user tensors as inputs."""
+    sig = exported.graph_signature
+    src = exported.graph_module.graph
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    constants = dict(exported.constants)
+    root = torch.nn.Module()
+    state = dict(exported.state_dict)
+    for spec, node in zip(sig.input_specs, [n for n in src.nodes if n.op == "placeholder"]):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            value = state[spec.target] if spec.target in state else constants[spec.target]
+            if spec.kind is InputKind.CONSTANT_TENSOR:
+                value = value.detach()
+            _set_attr(root, spec.target, value, model)
+            new = graph.get_attr(spec.target)
+            new.meta.update(node.meta)
+            env[node] = new
+        elif spec.kind is InputKind.USER_INPUT:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                new = graph.placeholder(node.name)
+                new.meta.update(node.meta)
+                env[node] = new
+            else:
+                env[node] = val  # specialised non-tensor argument: part of the CallSignature
+        else:
+            raise CaptureError(f"{type(model).__name__}: unsupported exported input kind {spec.kind} ({spec.target})")
+    for node in src.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            outs = node.args[0]
+            for spec in sig.output_specs:
+                if spec.kind is not OutputKind.USER_OUTPUT:
+                    raise CaptureError(
+                        f"{type(model).__name__}: forward() mutates {spec.kind.name} {spec.target!r}; "
+                        "a cached model must be a pure function of its inputs"
+                    )
+            graph.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outs))
+            continue
+        if node.op == "call_function" and node.target in _ASSERT_OPS:
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph_module = fx.GraphModule(root, graph, class_name=f"Captured{type(model).__name__}")
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
+def _set_attr(root: torch.nn.Module, target: str, value, model: torch.nn.Module) -> None:
+    """Attach ``value`` at dotted ``target`` under ``root``, reusing the model's own Parameter objects."""
+    try:
+        value = model.get_parameter(target)
+    except AttributeError:
+        try:
+            value = model.get_buffer(target)
+        except AttributeError:
+            pass
+    *path, leaf = target.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if isinstance(value, torch.nn.Parameter):
+        mod.register_parameter(leaf, value)
+    else:
+        mod.register_buffer(leaf, value)

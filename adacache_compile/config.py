@@ -1,0 +1,325 @@
+"""AdaCache configuration: one frozen dataclass per concern, defaults and named presets in one place.
+
+Every value that the reference implementation fixes (codebooks, MoReg hyper-parameters, forced steps, windows) is
+defined here once; the rest of the package reads it from an `AdaCacheConfig`. See /work/shared/ADACACHE.md for the
+rule these fields parameterise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AdaCacheConfig",
+    "MoRegConfig",
+    "PRESETS",
+    "CODEBOOK_REFERENCE_100",
+    "CODEBOOK_FAST_30",
+    "CODEBOOK_SLOW_30",
+    "MOREG_WINDOW_100",
+    "MOREG_WINDOW_30",
+]
+
+Codebook = tuple[tuple[float, int], ...]
+
+# Reference codebooks (Open-Sora v1.2), ascending (threshold, rate) pairs.
+CODEBOOK_REFERENCE_100: Codebook = ((0.03, 12), (0.05, 10), (0.07, 8), (0.09, 6), (0.11, 4), (1.00, 3))
+CODEBOOK_FAST_30: Codebook = ((0.08, 6), (0.16, 5), (0.24, 4), (0.32, 3), (0.40, 2), (1.00, 1))
+CODEBOOK_SLOW_30: Codebook = ((0.08, 3), (0.16, 2), (0.24, 1), (0.32, 1), (0.40, 1), (1.00, 1))
+
+# Reference MoReg windows (inclusive, 1-based steps) for the step counts the reference calibrated.
+MOREG_WINDOW_100 = (10, 90)
+MOREG_WINDOW_30 = (4, 26)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fail(field: str, problem: str) -> ValueError:
+    return ValueError(f"{field}: {problem}")
+
+
+def _pair(value: Any, field: str) -> tuple[Any, Any]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise _fail(field, f"expected a pair (lo, hi), got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class MoRegConfig:
+    """Motion regularisation (MoReg) of the AdaCache metric.
+
+    Inside `window` the metric is multiplied by `m' + |g|` where `m = mean_k ||r[k:] - r[:-k]|| / (||r[k:]|| +
+    ||r[:-k]||)` along the frame axis, `m' = (m / threshold) ** power / scale` and
+    `g = gradient_multiplier * (m' - m'_prev) / rate`; outside it `m' = 1`.
+
+    Attributes:
+        strides: frame strides k of the motion estimate (positive ints).
+        window: inclusive (lo, hi) range of 1-based steps where motion is measured. Each end is either an int >= 1
+            (an absolute step) or a float in (0, 1] (a fraction of the step count N, resolved by `window_for`).
+            The default (0.1, 0.9) gives the reference (10, 90) at N = 100.
+        threshold: motion level that maps to m' = 1 (reference 0.385).
+        power: exponent of the normalised motion (reference 8).
+        scale: divisor of the normalised motion (reference 1).
+        gradient_multiplier: weight of the motion gradient term (reference 10).
+    """
+
+    strides: tuple[int, ...] = (1,)
+    window: tuple[float, float] = (0.1, 0.9)
+    threshold: float = 0.385
+    power: float = 8.0
+    scale: float = 1.0
+    gradient_multiplier: float = 10.0
+
+    def __post_init__(self) -> None:
+        strides = self.strides
+        if not isinstance(strides, (tuple, list)) or not strides:
+            raise _fail("MoRegConfig.strides", f"expected a non-empty sequence of positive ints, got {strides!r}")
+        for index, stride in enumerate(strides):
+            if not _is_int(stride) or stride < 1:
+                raise _fail(f"MoRegConfig.strides[{index}]", f"expected a positive int, got {stride!r}")
+        object.__setattr__(self, "strides", tuple(strides))
+
+        window = _pair(self.window, "MoRegConfig.window")
+        for end, value in zip(("lo", "hi"), window):
+            field = f"MoRegConfig.window.{end}"
+            if _is_int(value):
+                if value < 1:
+                    raise _fail(field, f"an absolute step must be an int >= 1, got {value!r}")
+            elif isinstance(value, float):
+                if not 0.0 < value <= 1.0:
+                    raise _fail(field, f"a fractional step must be a float in (0, 1], got {value!r}")
+            else:
+                raise _fail(field, f"expected an int >= 1 (step) or a float in (0, 1] (fraction of N), got {value!r}")
+        lo, hi = window
+        if type(lo) is type(hi) and lo > hi:
+            raise _fail("MoRegConfig.window", f"lo must be <= hi, got {window!r}")
+        object.__setattr__(self, "window", window)
+
+        for name in ("threshold", "power", "scale", "gradient_multiplier"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise _fail(f"MoRegConfig.{name}", f"expected a finite number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def window_for(self, num_steps: int) -> tuple[int, int]:
+        """The inclusive window in absolute 1-based steps for a generation of `num_steps` steps.
+
+        A fractional end f becomes `round(f * num_steps)`, at least 1. Raises ValueError when an absolute end
+        lies outside [1, num_steps] or the resolved window is empty.
+        """
+        if not _is_int(num_steps) or num_steps < 1:
+            raise _fail("num_steps", f"expected an int >= 1, got {num_steps!r}")
+        resolved = []
+        for end, value in zip(("lo", "hi"), self.window):
+            step = value if _is_int(value) else max(1, round(value * num_steps))
+            if not 1 <= step <= num_steps:
+                raise _fail(
+                    f"MoRegConfig.window.{end}",
+                    f"step {step} lies outside [1, N] for N = {num_steps} steps; use a window within 1..{num_steps} "
+                    "or fractions of N",
+                )
+            resolved.append(step)
+        lo, hi = resolved
+        if lo > hi:
+            raise _fail("MoRegConfig.window", f"resolves to ({lo}, {hi}) for N = {num_steps}: lo must be <= hi")
+        return lo, hi
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strides": list(self.strides),
+            "window": list(self.window),
+            "threshold": self.threshold,
+            "power": self.power,
+            "scale": self.scale,
+            "gradient_multiplier": self.gradient_multiplier,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoRegConfig:
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass(frozen=True)
+class AdaCacheConfig:
+    """How AdaCache decides which denoising steps to compute, and what it caches.
+
+    Attributes:
+        codebook: ascending (threshold, rate) pairs; a computed step with metric c picks the rate of the first pair
+            with c < threshold, else the last pair's rate. Thresholds must be > 0 and strictly ascending; rates are
+            ints >= 1.
+        forced_steps: steps that are always computed. Positive values are 1-based steps, negative values count from
+            the end (-1 = N, -2 = N-1). The reference forces 1, N-1 and N. Zero is not allowed.
+        tap: the block whose self-attention residual feeds the metric: an index into the plan's block list (Python
+            indexing, so negatives count from the end), a qualified block name, or None for the mid-depth block
+            `len(blocks) // 2`.
+        region: the cached region as [start, stop) block indices, or None for every block.
+        moreg: motion regularisation, or None to leave the metric as is.
+        norm_ord: order of the norms of the metric (1, the reference default, or 2).
+        enabled: False computes every step; the output then equals the uncached model's.
+    """
+
+    codebook: Codebook
+    forced_steps: tuple[int, ...] = (1, -2, -1)
+    tap: int | str | None = None
+    region: tuple[int, int] | None = None
+    moreg: MoRegConfig | None = None
+    norm_ord: int = 1
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "codebook", _validated_codebook(self.codebook))
+
+        forced = self.forced_steps
+        if not isinstance(forced, (tuple, list)):
+            raise _fail("AdaCacheConfig.forced_steps", f"expected a sequence of non-zero ints, got {forced!r}")
+        for index, step in enumerate(forced):
+            if not _is_int(step) or step == 0:
+                raise _fail(
+                    f"AdaCacheConfig.forced_steps[{index}]",
+                    f"expected a non-zero int (1-based step, or negative from the end), got {step!r}",
+                )
+        object.__setattr__(self, "forced_steps", tuple(forced))
+
+        tap = self.tap
+        if not (tap is None or _is_int(tap) or (isinstance(tap, str) and tap)):
+            raise _fail("AdaCacheConfig.tap", f"expected a block index, a non-empty block name or None, got {tap!r}")
+
+        if self.region is not None:
+            start, stop = _pair(self.region, "AdaCacheConfig.region")
+            if not (_is_int(start) and _is_int(stop) and 0 <= start < stop):
+                raise _fail(
+                    "AdaCacheConfig.region",
+                    f"expected [start, stop) block indices with 0 <= start < stop, got {self.region!r}",
+                )
+            object.__setattr__(self, "region", (start, stop))
+
+        moreg = self.moreg
+        if isinstance(moreg, dict):
+            moreg = MoRegConfig.from_dict(moreg)
+        if moreg is not None and not isinstance(moreg, MoRegConfig):
+            raise _fail("AdaCacheConfig.moreg", f"expected a MoRegConfig or None, got {moreg!r}")
+        object.__setattr__(self, "moreg", moreg)
+
+        if not _is_int(self.norm_ord) or self.norm_ord not in (1, 2):
+            raise _fail("AdaCacheConfig.norm_ord", f"expected 1 or 2, got {self.norm_ord!r}")
+        if not isinstance(self.enabled, bool):
+            raise _fail("AdaCacheConfig.enabled", f"expected a bool, got {self.enabled!r}")
+
+    @classmethod
+    def preset(cls, name: str) -> AdaCacheConfig:
+        """The named preset from `PRESETS`; ValueError listing the known names for an unknown one."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown AdaCache preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+    def forced_for(self, num_steps: int) -> frozenset[int]:
+        """The forced steps resolved to 1-based steps of a `num_steps`-step generation; those outside 1..N dropped."""
+        if not _is_int(num_steps) or num_steps < 1:
+            raise _fail("num_steps", f"expected an int >= 1, got {num_steps!r}")
+        resolved = (step if step > 0 else num_steps + 1 + step for step in self.forced_steps)
+        return frozenset(step for step in resolved if 1 <= step <= num_steps)
+
+    def replace(self, **changes: Any) -> AdaCacheConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; the codebook is a list of [threshold, rate]."""
+        return {
+            "codebook": [[threshold, rate] for threshold, rate in self.codebook],
+            "forced_steps": list(self.forced_steps),
+            "tap": self.tap,
+            "region": None if self.region is None else list(self.region),
+            "moreg": None if self.moreg is None else self.moreg.to_dict(),
+            "norm_ord": self.norm_ord,
+            "enabled": self.enabled,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaCacheConfig:
+        # A dict under "moreg" becomes a MoRegConfig in __post_init__.
+        return cls(**_known_fields(cls, data))
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The config as JSON text; also written to `path` when one is given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike[str]) -> AdaCacheConfig:
+        """A config from JSON text (a string starting with '{') or from the file at a path."""
+        if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
+            text, source = path_or_text, "JSON text"
+        else:
+            text, source = Path(path_or_text).read_text(encoding="utf-8"), str(path_or_text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"AdaCacheConfig.from_json: {source} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"AdaCacheConfig.from_json: {source} holds {type(data).__name__}, expected an object")
+        return cls.from_dict(data)
+
+
+def _validated_codebook(codebook: Any) -> Codebook:
+    if isinstance(codebook, dict):
+        raise _fail(
+            "AdaCacheConfig.codebook",
+            "expected a sequence of (threshold, rate) pairs, got a dict; use codebook.items()",
+        )
+    if not isinstance(codebook, (tuple, list)) or not codebook:
+        raise _fail(
+            "AdaCacheConfig.codebook", f"expected a non-empty sequence of (threshold, rate) pairs, got {codebook!r}"
+        )
+    pairs = []
+    for index, entry in enumerate(codebook):
+        field = f"AdaCacheConfig.codebook[{index}]"
+        threshold, rate = _pair(entry, field)
+        if not _is_real(threshold) or not math.isfinite(threshold) or threshold <= 0:
+            raise _fail(field, f"threshold must be a finite number > 0, got {threshold!r}")
+        if not _is_int(rate) or rate < 1:
+            raise _fail(field, f"rate must be an int >= 1, got {rate!r}")
+        if pairs and threshold <= pairs[-1][0]:
+            raise _fail(field, f"thresholds must be strictly ascending, got {threshold!r} after {pairs[-1][0]!r}")
+        pairs.append((float(threshold), rate))
+    return tuple(pairs)
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}.from_dict: expected a dict, got {type(data).__name__}")
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown field(s) {unknown}; known fields: {sorted(names)}")
+    return dict(data)
+
+
+def _reference_presets() -> dict[str, AdaCacheConfig]:
+    presets = {}
+    for name, codebook, window in (
+        ("reference-100", CODEBOOK_REFERENCE_100, MOREG_WINDOW_100),
+        ("fast-30", CODEBOOK_FAST_30, MOREG_WINDOW_30),
+        ("slow-30", CODEBOOK_SLOW_30, MOREG_WINDOW_30),
+    ):
+        presets[name] = AdaCacheConfig(codebook=codebook)
+        presets[f"{name}+moreg"] = AdaCacheConfig(codebook=codebook, moreg=MoRegConfig(window=window))
+    return presets
+
+
+# Named presets. Add a step count by adding its "<name>" and "<name>+moreg" entries here.
+PRESETS: dict[str, AdaCacheConfig] = _reference_presets()

@@ -1,0 +1,293 @@
+"""``manifest.json``: what an export directory holds and what it was made from.
+
+The manifest records the AdaCache config, every program's I/O (names, shapes, dtypes, dynamic axes and role), the
+MoReg layout, the profile ranges of the dynamic axes, the sha256 of every artifact file, a fingerprint of the source
+model and the library versions. ``verify_artifacts`` refuses a directory whose files do not match it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from ..errors import ArtifactError
+
+__all__ = [
+    "ENGINE_SUFFIXES",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "ROLES",
+    "Manifest",
+    "ProgramSpec",
+    "TensorSpec",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "hash_artifacts",
+    "library_versions",
+    "model_fingerprint",
+    "read_manifest",
+    "sha256_file",
+    "verify_artifacts",
+    "write_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+# What each program input/output is to the runtime.
+ROLES = ("model_input", "model_output", "delta", "tap", "tap_prev", "metric")
+# TensorRT plans run only under the TensorRT version that built them.
+ENGINE_SUFFIXES = (".plan", ".engine")
+_CHUNK = 1 << 20
+
+
+@dataclass
+class TensorSpec:
+    """One program input or output. ``shape`` holds ints for static axes and the axis name (or None) for dynamic ones;
+    ``dtype`` is the torch dtype without the ``torch.`` prefix ("float32")."""
+
+    name: str
+    shape: list[int | str | None]
+    dtype: str
+    role: str
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"tensor {self.name!r}: role {self.role!r} is not one of {ROLES}")
+
+
+@dataclass
+class ProgramSpec:
+    """One exported program: its ONNX file (relative to the export directory) and its I/O.
+    ``dynamic_axes`` maps tensor names to ``{axis: axis_name}``."""
+
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    def names(self, role: str, *, outputs: bool = False) -> list[str]:
+        """Names of the inputs (or outputs) with ``role``, in order."""
+        return [t.name for t in (self.outputs if outputs else self.inputs) if t.role == role]
+
+
+@dataclass
+class Manifest:
+    """Contents of ``manifest.json``. ``config`` and ``moreg_layout`` are owned by the runtime and stored as given;
+    ``profile_ranges`` maps an axis name to ``{"min": .., "opt": .., "max": ..}``; ``files`` maps every artifact file
+    (relative path, external data and engines included) to its sha256."""
+
+    config: dict[str, Any]
+    programs: dict[str, ProgramSpec]
+    moreg_layout: dict[str, Any] = field(default_factory=dict)
+    profile_ranges: dict[str, dict[str, int]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = MANIFEST_NAME) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{source}: unknown format version {version!r}; this adacache_compile reads version {FORMAT_VERSION}, "
+                "re-export with the installed version"
+            )
+        try:
+            programs = {
+                name: ProgramSpec(
+                    file=spec["file"],
+                    inputs=[TensorSpec(**t) for t in spec["inputs"]],
+                    outputs=[TensorSpec(**t) for t in spec["outputs"]],
+                    dynamic_axes={
+                        tensor: {int(axis): axis_name for axis, axis_name in axes.items()}
+                        for tensor, axes in spec.get("dynamic_axes", {}).items()
+                    },
+                )
+                for name, spec in data["programs"].items()
+            }
+            fields = {f.name for f in dataclasses.fields(cls)} - {"programs"}
+            return cls(programs=programs, **{k: v for k, v in data.items() if k in fields})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{source}: malformed manifest: {e}") from e
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write ``data`` (bytes, or a callable that writes to the open binary file) to ``path`` so that readers see
+    either the old file or the complete new one: temporary name in the same directory, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(temporary, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_artifacts(out_dir: str | os.PathLike, files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """``{path relative to out_dir: sha256}`` for ``files`` (absolute or relative to ``out_dir``)."""
+    out_dir = Path(out_dir)
+    hashes = {}
+    for file in files:
+        file = Path(file)
+        absolute = file if file.is_absolute() else out_dir / file
+        hashes[absolute.relative_to(out_dir).as_posix()] = sha256_file(absolute)
+    return dict(sorted(hashes.items()))
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    return atomic_write_text(Path(out_dir) / MANIFEST_NAME, manifest.to_json())
+
+
+def read_manifest(out_dir: str | os.PathLike) -> Manifest:
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: missing; is {out_dir} an adacache-compile export directory?") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return Manifest.from_dict(data, source=str(path))
+
+
+def verify_artifacts(
+    out_dir: str | os.PathLike, manifest: Manifest, *, same_versions: Sequence[str] | None = None
+) -> None:
+    """Raise ``ArtifactError`` unless every file of ``manifest`` exists with the recorded sha256, and every library in
+    ``same_versions`` that is installed has the recorded version (default: tensorrt when there are engine files)."""
+    out_dir = Path(out_dir)
+    if manifest.format_version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{out_dir / MANIFEST_NAME}: unknown format version {manifest.format_version!r}; expected {FORMAT_VERSION}"
+        )
+    for program_name, program in manifest.programs.items():
+        if program.file not in manifest.files:
+            raise ArtifactError(f"{out_dir / program.file}: program {program_name!r} has no sha256 in the manifest")
+    for name, expected in manifest.files.items():
+        path = out_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (listed in {MANIFEST_NAME})")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{path}: sha256 mismatch: manifest has {expected}, file has {actual}; the file was changed or "
+                "replaced after export, re-export the directory"
+            )
+    if same_versions is None:
+        same_versions = ("tensorrt",) if any(name.endswith(ENGINE_SUFFIXES) for name in manifest.files) else ()
+    installed = library_versions()
+    for library in same_versions:
+        recorded, current = manifest.versions.get(library), installed.get(library)
+        if recorded is not None and current is not None and recorded != current:
+            raise ArtifactError(
+                f"{out_dir}: artifacts were built with {library} {recorded}, {library} {current} is installed; "
+                "rebuild them with the installed version"
+            )
+
+
+_DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "onnx": ("onnx",),
+    "onnxscript": ("onnxscript",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "polygraphy": ("polygraphy",),
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu12", "tensorrt_cu13"),
+    "adacache_compile": ("adacache-compile",),
+}
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape the artifacts (absent ones omitted). Read from package
+    metadata, so nothing is imported."""
+    versions = {}
+    for library, distributions in _DISTRIBUTIONS.items():
+        for distribution in distributions:
+            try:
+                versions[library] = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [_jsonable(v) for v in items]
+    return str(value)
+
+
+def model_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
+    """Class, config (diffusers ``module.config`` when present) and a sha256 over the state_dict: every tensor's
+    name, dtype, shape and bytes in sorted-name order, so the same weights give the same hash in any process."""
+    digest = hashlib.sha256()
+    num_elements = 0
+    for name, tensor in sorted(module.state_dict().items()):
+        if tensor.is_meta:
+            raise ArtifactError(f"cannot fingerprint {type(module).__name__}: {name!r} is on the meta device")
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        num_elements += tensor.numel()
+    config = getattr(module, "config", None)
+    return {
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "config": _jsonable(dict(config)) if isinstance(config, Mapping) else None,
+        "num_elements": num_elements,
+        "weights_sha256": digest.hexdigest(),
+    }
