@@ -246,8 +246,12 @@ def _forward_signature(model) -> inspect.Signature | None:
 
 def _leaf_names_out(out_spec: pytree.TreeSpec, num: int) -> list[str]:
     dummy = pytree.tree_unflatten(list(range(num)), out_spec)
-    names = [""] * num
-    for path, leaf in pytree.tree_flatten_with_path(dummy)[0]:
+    names = [f"output.{i}" for i in range(num)]
+    try:
+        with_paths = pytree.tree_flatten_with_path(dummy)[0]
+    except ValueError:  # a pytree node registered without key paths (e.g. diffusers' BaseOutput)
+        return names
+    for path, leaf in with_paths:
         parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         names[leaf] = "output." + ".".join(parts) if parts else "output"
     return names

@@ -11,7 +11,7 @@ class UnsupportedModelError(AdaCacheError):
     """The model has no structure AdaCache can cache (no block stack, non-residual blocks, ...)."""
 
 
-class CaptureError(AdaCacheError):
+class CaptureError(UnsupportedModelError):
     """torch.export could not capture the model with the given inputs."""
 
 

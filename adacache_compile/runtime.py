@@ -115,7 +115,9 @@ class CachedTransformer(torch.nn.Module):
         if backend not in ("eager", "inductor"):
             raise ValueError(f"backend={backend!r}: expected 'eager' or 'inductor'")
         self._orig_mod = model
-        self.config = config if config is not None else AdaCacheConfig.preset("fast-30")
+        # Not ``self.config``: pipelines read the wrapped model's config (``transformer.config.patch_size``), which
+        # ``__getattr__`` forwards.
+        self.adacache_config = config if config is not None else AdaCacheConfig.preset("fast-30")
         self.backend = backend
         self.cuda_graphs = cuda_graphs
         self.dynamic = dynamic
@@ -161,7 +163,7 @@ class CachedTransformer(torch.nn.Module):
             leaves_kwargs = _call_constants(captured, args, kwargs)
             plan = CachePlan(
                 model=self._orig_mod,
-                config=self.config,
+                config=self.adacache_config,
                 input_names=captured.input_names,
                 example_inputs=flat,
                 call_constants=leaves_kwargs,
@@ -240,7 +242,7 @@ class CachedTransformer(torch.nn.Module):
 
     def _new_session(self, name: str, num_steps: int | None) -> Session:
         n = num_steps or self.num_steps or UNKNOWN_NUM_STEPS
-        return Session(name=name, num_steps=n, schedule=Schedule(self.config, n))
+        return Session(name=name, num_steps=n, schedule=Schedule(self.adacache_config, n))
 
     def _retire(self, name: str, session: Session) -> None:
         if session.schedule.computed_steps or session.schedule.skipped_steps:
@@ -265,8 +267,20 @@ class CachedTransformer(torch.nn.Module):
             session = self._sessions.get(name)
             if ctx.step_index is not None:
                 n = ctx.num_steps or self.num_steps
+                # Past N without a restart of step_index (a pipeline that calls more often than it said): a new
+                # generation, as in generation(), never a step beyond the schedule.
+                overrun = session is not None and session.step >= session.num_steps
+                if overrun and ctx.step_index != 0:
+                    session.events.append(f"call {session.step + 1} > num_steps={session.num_steps}: new generation")
+                    logger.warning(
+                        "branch %r: more calls than num_steps=%d (step_index=%d); starting a new generation",
+                        name,
+                        session.num_steps,
+                        ctx.step_index,
+                    )
                 if (
-                    session is None
+                    overrun
+                    or session is None
                     or ctx.step_index == 0
                     or (session.last_step_index is not None and ctx.step_index <= session.last_step_index)
                     or (n is not None and session.num_steps != n)
@@ -291,13 +305,13 @@ class CachedTransformer(torch.nn.Module):
 
     def _restart(self, session: Session) -> None:
         self._retire(session.name, session)
-        session.schedule = Schedule(self.config, session.num_steps)
+        session.schedule = Schedule(self.adacache_config, session.num_steps)
         session.step = 0
         session.force_next = False
 
     # --- the call ----------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if not self.config.enabled:
+        if not self.adacache_config.enabled:
             return self._orig_mod(*args, **kwargs)
         entry, inputs = self._entry_for(args, kwargs)
         session = self._session_for_call(args, kwargs)

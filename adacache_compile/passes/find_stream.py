@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from ..errors import UnsupportedModelError
 from ..plan import CachePlan, PassResult, Stream
 from ._utils import LAYOUT_OPS, MULTI_INPUT_LAYOUT_OPS, RESIDUAL_OPS, concrete_shape, is_tensor_node
 
@@ -50,6 +51,14 @@ def find_stream(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
                 residual_adds=trace.adds,
                 passthrough=trace.passthrough,
             )
+        )
+    if not streams:
+        block = plan.region_blocks[-1]
+        raise UnsupportedModelError(
+            f"find_stream: no residual stream leaves the cached region (last block {block.name!r}, "
+            f"{block.module_type}); outputs {[n.name for n in leaks]} are not layout(block input) + residual "
+            "branches. AdaCache reuses residuals, so the blocks must be residual (x + f(x)), not e.g. post-norm "
+            "(norm(x + f(x)))."
         )
     plan.streams = streams
     plan.leaks = leaks

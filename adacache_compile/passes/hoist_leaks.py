@@ -82,12 +82,13 @@ def _stream_tainted(gm: fx.GraphModule, plan: CachePlan) -> set[fx.Node]:
     """Region nodes whose value depends on the residual stream (anything downstream of a stream-path node)."""
     seeds = set()
     for s in plan.streams:
+        seeds.update(s.bases)  # the stream as it enters the region
         seeds.update(s.layout)
         seeds.update(s.residual_adds)
     tainted = set()
     for node in gm.graph.nodes:
         if node not in plan.region_nodes:
             continue
-        if node in seeds or any(i in tainted for i in node.all_input_nodes):
+        if node in seeds or any(i in tainted or i in seeds for i in node.all_input_nodes):
             tainted.add(node)
     return tainted

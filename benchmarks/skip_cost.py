@@ -1,0 +1,61 @@
+"""How much a skip step costs against a full step, on a small DiT where the blocks dominate.
+
+Usage: python benchmarks/skip_cost.py [--depth 12] [--dim 256] [--repeats 15]
+Prints the median full and skip program times and their ratio (target: skip <= 25 % of full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from tiny_models import TinyVideoDiT  # noqa: E402
+
+import adacache_compile as ac  # noqa: E402
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = TinyVideoDiT(dim=args.dim, heads=4, depth=args.depth).eval()
+    kwargs = dict(hidden_states=torch.randn(2, 4, args.frames, args.size, args.size), timestep=torch.full((2,), 500))
+    cached = ac.optimize(model, example_inputs=kwargs)
+    programs = cached.programs
+    inputs = cached._entries[-1].captured.flatten((), kwargs)
+    with torch.no_grad():
+        tap_prev = torch.zeros(programs.tap_shape(*inputs), dtype=programs.tap_dtype)
+        full_out = programs.full(*inputs, tap_prev)
+        deltas = full_out[programs.num_outputs : programs.num_outputs + len(programs.delta_names)]
+        full_ms = median_ms(lambda: programs.full(*inputs, tap_prev), args.repeats)
+        skip_ms = median_ms(lambda: programs.skip(*inputs, *deltas), args.repeats)
+        eager_ms = median_ms(lambda: model(**kwargs), args.repeats)
+    print(f"model: TinyVideoDiT depth={args.depth} dim={args.dim}, tokens={args.frames * (args.size // 2) ** 2}")
+    print(f"threads={torch.get_num_threads()} repeats={args.repeats} (median)")
+    print(f"eager model {eager_ms:.2f} ms | full program {full_ms:.2f} ms | skip program {skip_ms:.2f} ms")
+    print(f"skip / full = {skip_ms / full_ms:.3f} (target <= 0.25)")
+
+
+if __name__ == "__main__":
+    main()

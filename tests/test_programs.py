@@ -1,0 +1,198 @@
+"""Foundation contracts on real diffusers video transformers (tiny random configs) and a hand-written DiT:
+full == original, skip(deltas of the same step) == full, no region op in the skip program, every block found,
+dynamic batch through one capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, TinyVideoDiT, build
+
+import adacache_compile as ac
+from adacache_compile.config import AdaCacheConfig
+
+EXPECTED_BLOCKS = {
+    "tiny-dit": [f"blocks.{i}" for i in range(4)],
+    "latte": [
+        "transformer_blocks.0",
+        "temporal_transformer_blocks.0",
+        "transformer_blocks.1",
+        "temporal_transformer_blocks.1",
+    ],
+    "cogvideox": ["transformer_blocks.0", "transformer_blocks.1"],
+    "wan": ["blocks.0", "blocks.1"],
+    "ltx": ["transformer_blocks.0", "transformer_blocks.1"],
+    "hunyuan": [
+        "transformer_blocks.0",
+        "transformer_blocks.1",
+        "single_transformer_blocks.0",
+        "single_transformer_blocks.1",
+    ],
+    "mochi": ["transformer_blocks.0", "transformer_blocks.1"],
+    "allegro": ["transformer_blocks.0", "transformer_blocks.1"],
+}
+# Mochi's forward loops over the batch in Python, so export specialises batch; every other family keeps it dynamic.
+STATIC_BATCH = {"mochi"}
+
+
+def _call_kwargs(family, kwargs):
+    return kwargs if family == "tiny-dit" else {**kwargs, "return_dict": False}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    name = request.param
+    model, kwargs = build(name)
+    kwargs = _call_kwargs(name, kwargs)
+    cached = ac.optimize(model, AdaCacheConfig.preset("fast-30"), example_inputs=kwargs)
+    return name, model, kwargs, cached
+
+
+def _run_programs(cached, kwargs):
+    programs = cached.programs
+    inputs = cached._entries[-1].captured.flatten((), kwargs)
+    with torch.no_grad():
+        tap_prev = torch.zeros(programs.tap_shape(*inputs), dtype=programs.tap_dtype)
+        full = programs.full(*inputs, tap_prev)
+        n = programs.num_outputs
+        deltas = full[n : n + len(programs.delta_names)]
+        skip = programs.skip(*inputs, *deltas)
+    return full[:n], deltas, skip
+
+
+def test_full_program_equals_original(family):
+    name, model, kwargs, cached = family
+    with torch.no_grad():
+        reference = model(**kwargs)[0]
+    outputs, _, _ = _run_programs(cached, kwargs)
+    scale = reference.abs().max().item()
+    assert (outputs[0] - reference).abs().max().item() <= 1e-5 * scale
+
+
+def test_skip_program_with_same_step_deltas_equals_full(family):
+    _, _, kwargs, cached = family
+    outputs, deltas, skip = _run_programs(cached, kwargs)
+    assert len(deltas) == len(cached.programs.delta_names) >= 1
+    for a, b in zip(outputs, skip):
+        assert torch.equal(a, b)
+
+
+def test_skip_program_holds_no_op_of_the_cached_blocks(family):
+    _, _, _, cached = family
+    plan = cached.plan
+    region = set(plan.region)
+    offenders = []
+    for node in cached.programs.skip.graph.nodes:
+        if node.op != "call_function" or node.meta.get("adacache_hoisted"):
+            continue
+        paths = {p.split("@")[0] for p, _ in (node.meta.get("nn_module_stack") or {}).values()}
+        if paths & region:
+            offenders.append(node.name)
+    assert offenders == []
+    full_ops = sum(n.op == "call_function" for n in cached.programs.full.graph.nodes)
+    skip_ops = sum(n.op == "call_function" for n in cached.programs.skip.graph.nodes)
+    region_ops = sum(1 for n in plan.region_nodes if n.op == "call_function")
+    assert skip_ops < full_ops - region_ops + 20  # only the stream replay and delta adds are new
+
+
+def test_plan_lists_every_block(family):
+    name, _, _, cached = family
+    assert cached.plan.blocks == EXPECTED_BLOCKS[name]
+    assert cached.plan.region == EXPECTED_BLOCKS[name]
+    assert cached.plan.tap is not None and cached.plan.tap.split(":")[0] in cached.plan.region
+
+
+def test_batch_one_and_two_through_one_capture(family):
+    name, _, _, cached = family
+    if name in STATIC_BATCH:
+        pytest.skip(f"{name} loops over the batch in Python; export specialises the batch size")
+    model, kwargs1 = build(name, batch=1, seed=3)
+    kwargs1 = _call_kwargs(name, kwargs1)
+    model.load_state_dict(cached._orig_mod.state_dict())
+    with torch.no_grad():
+        reference = model(**kwargs1)[0]
+    outputs, _, skip = _run_programs(cached, kwargs1)
+    assert len(cached._entries) == 1
+    assert (outputs[0] - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
+    assert torch.equal(outputs[0], skip[0])
+
+
+def test_drop_in_module_keeps_output_structure():
+    model, kwargs = build("latte")
+    cached = ac.optimize(model, AdaCacheConfig.preset("fast-30"))
+    with cached.generation(num_steps=4):
+        out = cached(**kwargs, return_dict=True)
+    assert type(out).__name__ == "Transformer2DModelOutput"
+    with torch.no_grad():
+        assert torch.allclose(out.sample, model(**kwargs).sample, atol=1e-5)
+
+
+class _PostNormBlock(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(x + self.lin(x))
+
+
+class _PostNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_PostNormBlock(8) for _ in range(3))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class _BranchyBlock(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow
+            return x + self.lin(x)
+        return x - self.lin(x)
+
+
+class _BranchyNet(_PostNormNet):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_BranchyBlock(8) for _ in range(3))
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)), "no repeated transformer"),
+        (_PostNormNet(), "not layout\\(block input\\) \\+ residual"),
+        (_BranchyNet(), "torch.export"),
+    ],
+    ids=["no-block-stack", "post-norm-blocks", "data-dependent-control-flow"],
+)
+def test_unsupported_models_are_refused_and_left_working(model, match):
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ac.UnsupportedModelError, match=match):
+        ac.optimize(model, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_hand_written_dit_region_and_tap_are_configurable():
+    model = TinyVideoDiT()
+    kwargs = dict(hidden_states=torch.randn(2, 4, 3, 8, 8), timestep=torch.full((2,), 10))
+    config = AdaCacheConfig.preset("fast-30").replace(region=(1, 3), tap="blocks.2")
+    cached = ac.optimize(model, config, example_inputs=kwargs)
+    assert cached.plan.region == ["blocks.1", "blocks.2"]
+    assert cached.plan.tap.startswith("blocks.2:")
+    outputs, _, skip = _run_programs(cached, kwargs)
+    with torch.no_grad():
+        reference = model(**kwargs)[0]
+    assert (outputs[0] - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
+    assert torch.equal(outputs[0], skip[0])
