@@ -184,7 +184,8 @@ class CachedTransformer(torch.nn.Module):
         if self.cuda_graphs:
             from .cuda_graphs import CUDAGraphProgram
 
-            full, skip = CUDAGraphProgram(full, "full"), CUDAGraphProgram(skip, "skip")
+            pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+            full, skip = CUDAGraphProgram(full, "full", pool), CUDAGraphProgram(skip, "skip", pool)
         return full, skip
 
     def _entry_for(self, args, kwargs) -> tuple[CompiledEntry, list[torch.Tensor]]:

@@ -1,0 +1,312 @@
+"""Runtime session handling on a tiny Latte transformer: interleaved generations, timestep inference, resets,
+overlong generations and what a skipped step returns."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import LatteTransformer3DModel  # noqa: E402
+
+from adacache_compile import AdaCacheConfig, optimize  # noqa: E402
+
+NUM_STEPS = 8
+# Threshold 10 is above any metric: every computed step after step 1 picks rate 3.
+SKIPPING = AdaCacheConfig(codebook=((10.0, 3),))
+# Step 1 and 2 computed (rate 1 after step 1), then 2 + 3 = 5, then 5 + 3 = 8 but 7 and 8 are forced.
+EXPECTED_COMPUTED = [1, 2, 5, 7, 8]
+EXPECTED_SKIPPED = [3, 4, 6]
+
+
+def tiny_latte() -> LatteTransformer3DModel:
+    torch.manual_seed(0)
+    return LatteTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=16,
+        video_length=4,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_latte()
+
+
+@pytest.fixture(scope="module")
+def cached(model):
+    cached = optimize(model, SKIPPING)
+    latents, prompt = make_inputs(0)
+    cached.capture((), call_kwargs(latents, prompt, TIMESTEPS[0]))
+    return cached
+
+
+TIMESTEPS = torch.linspace(999.0, 1.0, NUM_STEPS).tolist()
+
+
+def make_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, 4, 8, 8, generator=generator)
+    prompt = torch.randn(1, 6, 16, generator=generator)
+    return latents, prompt
+
+
+def call_kwargs(latents, prompt, t: float) -> dict:
+    return {
+        "hidden_states": latents,
+        "timestep": torch.tensor([t]),
+        "encoder_hidden_states": prompt,
+        "return_dict": False,
+    }
+
+
+def denoise_steps(call, latents, prompt, timesteps=TIMESTEPS):
+    """A hand-written sampling loop; yields each step's model output. ``call(kwargs)`` runs the model once."""
+    x = latents
+    for t in timesteps:
+        out = call(call_kwargs(x, prompt, t))[0]
+        x = x - 0.1 * out
+        yield out
+
+
+def denoise(call, latents, prompt, timesteps=TIMESTEPS) -> list[torch.Tensor]:
+    return list(denoise_steps(call, latents, prompt, timesteps))
+
+
+def in_generation(cached, latents, prompt, timesteps=TIMESTEPS) -> list[torch.Tensor]:
+    with cached.generation(len(timesteps)):
+        return denoise(lambda kw: cached(**kw), latents, prompt, timesteps)
+
+
+def assert_all_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert torch.equal(g, w), f"step {step}: max abs diff {(g - w).abs().max().item()}"
+
+
+def test_generation_follows_schedule(cached):
+    before = len(cached.stats["history"])
+    in_generation(cached, *make_inputs(1))
+    history = cached.stats["history"]
+    assert len(history) == before + 1
+    assert history[-1]["computed_steps"] == EXPECTED_COMPUTED
+    assert history[-1]["skipped_steps"] == EXPECTED_SKIPPED
+
+
+def test_interleaved_sessions_equal_sequential(cached):
+    inputs_a, inputs_b = make_inputs(1), make_inputs(2)
+    want_a = in_generation(cached, *inputs_a)
+    want_b = in_generation(cached, *inputs_b)
+
+    session_a = cached.new_session(NUM_STEPS, name="a")
+    session_b = cached.new_session(NUM_STEPS, name="b")
+    loop_a = denoise_steps(lambda kw: cached.step(session_a, **kw), *inputs_a)
+    loop_b = denoise_steps(lambda kw: cached.step(session_b, **kw), *inputs_b)
+    got_a, got_b = [], []
+    for out_a, out_b in zip(loop_a, loop_b):  # zip alternates: step i of a, then step i of b
+        got_a.append(out_a)
+        got_b.append(out_b)
+
+    assert_all_equal(got_a, want_a)
+    assert_all_equal(got_b, want_b)
+    for session in (session_a, session_b):
+        assert session.schedule.computed_steps == EXPECTED_COMPUTED
+        assert session.schedule.skipped_steps == EXPECTED_SKIPPED
+
+
+def test_generations_in_two_threads_equal_sequential(cached):
+    inputs = [make_inputs(3), make_inputs(4)]
+    want = [in_generation(cached, *x) for x in inputs]
+
+    # Strict alternation: thread 0 runs a step, hands over to thread 1, which runs its step and hands back.
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]
+    got: list[list[torch.Tensor]] = [[], []]
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        mine, theirs = turns[index], turns[1 - index]
+
+        def call(kwargs):
+            mine.acquire()
+            try:
+                return cached(**kwargs)
+            finally:
+                theirs.release()
+
+        try:
+            got[index] = in_generation_with(call, *inputs[index])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            theirs.release()
+
+    def in_generation_with(call, latents, prompt):
+        with cached.generation(NUM_STEPS, name="thread"):
+            return denoise(call, latents, prompt)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert_all_equal(got[0], want[0])
+    assert_all_equal(got[1], want[1])
+
+
+def test_timestep_inference_without_context(cached):
+    latents, prompt = make_inputs(5)
+    cached._reset_stateful_cache()
+    before = len(cached.stats["history"])
+    first = denoise(lambda kw: cached(**kw), latents, prompt)
+    live = cached.stats["default"]
+    assert live["steps_run"] == NUM_STEPS and live["num_steps"] is None
+    # N unknown: the forced last steps are not honoured, the rate alone decides.
+    assert live["computed_steps"] == [1, 2, 5, 8]
+
+    second = denoise(lambda kw: cached(**kw), latents, prompt)  # the timestep rises: a new generation
+    stats = cached.stats
+    assert len(stats["history"]) == before + 1
+    assert stats["history"][-1]["branch"] == "default"
+    assert stats["history"][-1]["steps_run"] == NUM_STEPS
+    assert stats["default"]["steps_run"] == NUM_STEPS
+    assert_all_equal(second, first)
+
+    cached._reset_stateful_cache()
+    assert [entry["steps_run"] for entry in cached.stats["history"][before:]] == [NUM_STEPS, NUM_STEPS]
+    assert "default" not in cached.stats
+
+
+def test_known_num_steps_without_context_restarts_after_n_calls(cached):
+    latents, prompt = make_inputs(6)
+    # Timesteps that never rise: only the step count can tell where the second generation starts.
+    flat = [500.0] * NUM_STEPS
+    cached._reset_stateful_cache()
+    before = len(cached.stats["history"])
+    cached.num_steps = NUM_STEPS  # what optimize(num_steps=...) and the diffusers integration set
+    try:
+        first = denoise(lambda kw: cached(**kw), latents, prompt, flat)
+        second = denoise(lambda kw: cached(**kw), latents, prompt, flat)
+        cached._reset_stateful_cache()
+    finally:
+        cached.num_steps = None
+    assert_all_equal(second, first)
+    history = cached.stats["history"][before:]
+    assert [entry["computed_steps"] for entry in history] == [EXPECTED_COMPUTED, EXPECTED_COMPUTED]
+
+
+def counted_call(cached, path: str):
+    """A call that runs the model through ``path``: "cache_context" (branch "cond", step_index 0, 1, ...) or
+    "timestep" (no context: the runtime infers the generation from the timestep)."""
+    if path == "timestep":
+        return lambda kwargs: cached(**kwargs)
+    steps = iter(range(NUM_STEPS))
+
+    def call(kwargs):
+        with cached.cache_context("cond", step_index=next(steps), num_inference_steps=NUM_STEPS):
+            return cached(**kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("path,branch", [("cache_context", "cond"), ("timestep", "default")])
+def test_reset_mid_generation_starts_clean(cached, path, branch):
+    latents, prompt = make_inputs(7)
+    want = in_generation(cached, latents, prompt)
+    cached._reset_stateful_cache()
+    before = len(cached.stats["history"])
+    partial = denoise_steps(counted_call(cached, path), latents, prompt)
+    for _ in range(3):
+        next(partial)
+
+    cached._reset_stateful_cache()
+    assert cached.stats["history"][-1]["steps_run"] == 3
+    assert branch not in cached.stats
+
+    again = denoise(counted_call(cached, path), latents, prompt)
+    assert cached.stats[branch]["computed_steps"][0] == 1
+    assert len(cached.stats["history"]) == before + 1
+    if path == "cache_context":  # N known: identical to a generation() run
+        assert_all_equal(again, want)
+    else:  # N unknown: the last steps are not forced, so only the steps up to the first difference agree
+        assert_all_equal(again[:6], want[:6])
+
+
+def test_more_calls_than_num_steps_start_a_new_generation(cached, caplog):
+    latents, prompt = make_inputs(8)
+    want = in_generation(cached, latents, prompt, TIMESTEPS[:4])
+    before = len(cached.stats["history"])
+    timesteps = TIMESTEPS[:4] + TIMESTEPS[:2]
+    with caplog.at_level(logging.WARNING, logger="adacache_compile.runtime"):
+        with cached.generation(4) as session:
+            got = denoise(lambda kw: cached(**kw), latents, prompt, timesteps)
+    assert "more calls than num_steps=4" in caplog.text
+    assert any("new generation" in event for event in session.events)
+    history = cached.stats["history"][before:]
+    assert [entry["steps_run"] for entry in history] == [4, 2]
+    # The restart is clean: calls 5 and 6 are steps 1 and 2 of a new generation (fed the continued latents).
+    assert history[1]["computed_steps"] == [1, 2]
+    assert_all_equal(got[:4], want)
+
+
+def test_more_calls_than_num_inference_steps_in_cache_context(cached, caplog):
+    latents, prompt = make_inputs(9)
+    cached._reset_stateful_cache()
+    before = len(cached.stats["history"])
+    steps = iter(range(6))
+
+    def call(kwargs):
+        with cached.cache_context("cond", step_index=next(steps), num_inference_steps=4):
+            return cached(**kwargs)
+
+    with caplog.at_level(logging.WARNING, logger="adacache_compile.runtime"):
+        denoise(call, latents, prompt, TIMESTEPS[:6])
+    cached._reset_stateful_cache()
+    assert "more calls than num_steps=4" in caplog.text
+    assert [entry["steps_run"] for entry in cached.stats["history"][before:]] == [4, 2]
+
+
+def test_skipped_step_runs_skip_program_on_cached_deltas(cached):
+    latents, prompt = make_inputs(10)
+    session = cached.new_session(NUM_STEPS, name="probe")
+    entry = cached._latest()
+    x = latents
+    for step, t in enumerate(TIMESTEPS[:4], start=1):
+        kwargs = call_kwargs(x, prompt, t)
+        deltas = session.deltas
+        out = cached.step(session, **kwargs)[0]
+        if step in EXPECTED_SKIPPED:
+            inputs = entry.captured.flatten((), kwargs)
+            with torch.no_grad():
+                want = entry.captured.unflatten(cached.programs.skip(*inputs, *deltas))[0]
+            assert torch.equal(out, want), f"step {step}"
+            # A skipped step leaves the cache as it was.
+            assert all(a is b for a, b in zip(session.deltas, deltas))
+        x = x - 0.1 * out
+    assert session.schedule.skipped_steps == [3, 4]
+    assert session.schedule.computed_steps == [1, 2]
+
+
+def test_full_program_matches_model_and_skips_differ(cached, model):
+    latents, prompt = make_inputs(11)
+    got = in_generation(cached, latents, prompt)
+    with torch.no_grad():
+        want = denoise(lambda kw: model(**kw), latents, prompt)
+    scale = max(w.abs().max().item() for w in want)
+    # Steps 1 and 2 are computed on identical inputs: equal up to float rounding.
+    for step in (0, 1):
+        torch.testing.assert_close(got[step], want[step], rtol=0, atol=1e-5 * scale)
+    # Step 3 is skipped: the cached residuals of step 2 stand in, so it differs from the model.
+    assert not torch.allclose(got[2], want[2], rtol=0, atol=1e-5 * scale)
