@@ -43,30 +43,33 @@ class TensorSpec:
     device: torch.device
     ranges: dict[int, tuple[int, int | None]] = field(default_factory=dict)
 
+    def describe(self) -> str:
+        """``float32 [*, 4, *, *, *] on cpu``: what this input must be (``*`` a dynamic dim)."""
+        shape = "[" + ", ".join("*" if d is None else str(d) for d in self.shape) + "]"
+        return f"{str(self.dtype).removeprefix('torch.')} {shape} on {self.device.type}"
+
     def check(self, tensor: torch.Tensor) -> None:
-        """Raise :class:`InputMismatchError` naming this input when ``tensor`` cannot be served."""
-        expected = "[" + ", ".join("*" if d is None else str(d) for d in self.shape) + "]"
+        """Raise :class:`InputMismatchError` naming this input and what it must be when ``tensor`` cannot be served."""
         if not isinstance(tensor, torch.Tensor):
-            raise InputMismatchError(f"input {self.name!r}: expected a tensor of shape {expected}, got {type(tensor)}")
+            self._fail(f"expected a tensor, got {type(tensor).__name__}")
         if tensor.dim() != len(self.shape):
-            raise InputMismatchError(
-                f"input {self.name!r}: expected rank {len(self.shape)} (shape {expected}), got shape {tuple(tensor.shape)}"
-            )
-        for dim, (want, got) in enumerate(zip(self.shape, tensor.shape)):
-            if want is not None and want != got:
-                raise InputMismatchError(
-                    f"input {self.name!r}: dim {dim} must be {want} (expected shape {expected}), got {tuple(tensor.shape)}"
-                )
+            self._fail(f"expected rank {len(self.shape)}, got shape {list(tensor.shape)}")
+        for dim, (want, size) in enumerate(zip(self.shape, tensor.shape)):
+            if want is not None and want != size:
+                self._fail(f"dim {dim} must be {want}, got shape {list(tensor.shape)}")
             if want is None and dim in self.ranges:
                 lo, hi = self.ranges[dim]
-                if got < lo or (hi is not None and got > hi):
-                    raise InputMismatchError(
-                        f"input {self.name!r}: dim {dim} = {got} is outside the captured range [{lo}, {hi}]"
-                    )
+                if size < lo or (hi is not None and size > hi):
+                    self._fail(f"dim {dim} = {size} is outside the captured range [{lo}, {hi}]")
         if tensor.dtype != self.dtype:
-            raise InputMismatchError(f"input {self.name!r}: expected dtype {self.dtype}, got {tensor.dtype}")
+            self._fail(f"expected dtype {self.dtype}, got {tensor.dtype}")
         if tensor.device.type != self.device.type:
-            raise InputMismatchError(f"input {self.name!r}: expected device {self.device}, got {tensor.device}")
+            self._fail(f"expected device {self.device}, got {tensor.device}")
+
+    def _fail(self, why: str):
+        error = InputMismatchError(f"input {self.name!r}: {why}; the capture takes {self.describe()}")
+        error.input_name = self.name  # lets a caller prefer a per-input mismatch over a call-structure one
+        raise error
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,8 @@ def _leaf_names_out(out_spec: pytree.TreeSpec, num: int) -> list[str]:
 def _tensor_spec(name: str, fake: torch.Tensor, real: torch.Tensor, exported) -> TensorSpec:
     shape, ranges = [], {}
     for dim, size in enumerate(fake.shape):
+        if isinstance(size, torch.SymInt) and size.node.expr.is_number:
+            size = int(size.node.expr)  # a SymInt that export specialised to a constant
         if isinstance(size, torch.SymInt):
             shape.append(None)
             expr = size.node.expr

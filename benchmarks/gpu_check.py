@@ -88,8 +88,15 @@ def main(argv=None):
         device, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=args.heads, attention_head_dim=args.head_dim, in_channels=16,
-        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=args.ffn, num_layers=args.layers,
+        patch_size=(1, 2, 2),
+        num_attention_heads=args.heads,
+        attention_head_dim=args.head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=args.ffn,
+        num_layers=args.layers,
     ).eval()
     # As from_pretrained(torch_dtype=bf16) does: the modules the model asks for stay float32 (mixed precision).
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -114,7 +121,9 @@ def main(argv=None):
         "steps": args.steps,
         "preset": args.preset,
     }
-    print(f"{report['device']}: Wan-like DiT {params / 1e9:.2f} B params, latent {list(latents.shape)}, {tokens} tokens")
+    print(
+        f"{report['device']}: Wan-like DiT {params / 1e9:.2f} B params, latent {list(latents.shape)}, {tokens} tokens"
+    )
 
     config = AdaCacheConfig.preset(args.preset)
     call = dict(hidden_states=latents, timestep=timesteps[:1].expand(2), return_dict=False, **kwargs)

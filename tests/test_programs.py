@@ -196,3 +196,18 @@ def test_hand_written_dit_region_and_tap_are_configurable():
         reference = model(**kwargs)[0]
     assert (outputs[0] - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
     assert torch.equal(outputs[0], skip[0])
+
+
+def test_programs_copy_no_more_than_the_model():
+    """Functionalization's unconditional clones and slice_scatters are undone in the finished programs (Wan's rotary
+    embedding writes into an empty_like buffer: eager runs no whole-tensor copy there, neither may we)."""
+    model, kwargs = build("wan")
+    cached = ac.optimize(model, AdaCacheConfig.preset("fast-30"), example_inputs={**kwargs, "return_dict": False})
+    targets = [n.target for n in cached.programs.full.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.slice_scatter.default not in targets
+    assert torch.ops.aten.clone.default not in targets
+    outputs, _, skip = _run_programs(cached, {**kwargs, "return_dict": False})
+    with torch.no_grad():
+        reference = model(**kwargs, return_dict=False)[0]
+    assert (outputs[0] - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
+    assert torch.equal(outputs[0], skip[0])

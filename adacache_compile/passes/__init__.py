@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from ..errors import AdaCacheError, PassError
 from ..plan import CachePlan, PassResult
+from .elide_copies import elide_copies
 from .find_blocks import find_blocks
 from .find_stream import find_stream
 from .hoist_leaks import hoist_leaks
@@ -18,7 +19,7 @@ __all__ = ["PASSES", "run_passes", "adacache_metrics"]
 
 logger = logging.getLogger(__name__)
 
-PASSES = [find_blocks, find_stream, hoist_leaks, tap_metric, split_programs]
+PASSES = [find_blocks, find_stream, hoist_leaks, tap_metric, split_programs, elide_copies]
 
 
 def run_passes(gm: fx.GraphModule, plan: CachePlan, passes=None) -> CachePlan:
