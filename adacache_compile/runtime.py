@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from .capture import Captured, capture
 from .config import AdaCacheConfig
-from .errors import InputMismatchError
+from .errors import AdaCacheError, InputMismatchError
 from .passes import run_passes
 from .plan import CachePlan, Programs
 from .schedule import Schedule, StepMetrics
@@ -127,6 +128,7 @@ class CachedTransformer(torch.nn.Module):
         self._history: list[tuple[str, dict]] = []
         self._ctx = _Context()
         self._lock = threading.RLock()
+        self._uncached_warned: set[str] = set()
 
     # --- drop-in behaviour -------------------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -176,6 +178,25 @@ class CachedTransformer(torch.nn.Module):
             logger.info("adacache plan for %s:\n%s", type(self._orig_mod).__name__, plan.describe())
             return entry
 
+    def use_config(self, config: AdaCacheConfig) -> None:
+        """Switch the AdaCache config. Codebook, forced steps and MoReg hyper-parameters are host-side and switch
+        freely; what the programs compute (region, tap, norm order, MoReg strides) must match them, or the
+        captures are dropped and rebuilt on the next call."""
+        old = self.adacache_config
+        old_strides = old.moreg.strides if old.moreg is not None else ()
+        new_strides = config.moreg.strides if config.moreg is not None else ()
+        compatible = (
+            (old.region, old.tap, old.norm_ord) == (config.region, config.tap, config.norm_ord)
+            and set(new_strides) <= set(old_strides)
+            and (not new_strides or tuple(new_strides) == tuple(old_strides))
+        )
+        with self._lock:
+            if not compatible:
+                logger.info("use_config: the programs depend on the changed fields; re-capturing on the next call")
+                self._entries.clear()
+            self._reset_stateful_cache()
+            self.adacache_config = config
+
     def _backend_runners(self, programs: Programs):
         full, skip = programs.full, programs.skip
         if self.backend == "inductor":
@@ -189,15 +210,25 @@ class CachedTransformer(torch.nn.Module):
         return full, skip
 
     def _entry_for(self, args, kwargs) -> tuple[CompiledEntry, list[torch.Tensor]]:
-        errors = []
+        mismatches: list[InputMismatchError] = []
         for entry in reversed(self._entries):
             try:
                 return entry, entry.captured.flatten(args, kwargs)
             except InputMismatchError as e:
-                errors.append(str(e))
-        if self._entries:
-            logger.info("re-capturing: no capture serves this call (%s)", errors[0])
-        entry = self.capture(args, kwargs)
+                mismatches.append(e)
+        if mismatches:
+            logger.info("re-capturing: no capture serves this call (%s)", mismatches[0])
+        try:
+            entry = self.capture(args, kwargs)
+        except AdaCacheError as e:
+            if not mismatches:
+                raise
+            # A legitimately new signature captures; one the model cannot take is a bad call, reported against
+            # what the existing captures accept rather than as a torch.export failure deep inside the model.
+            closest = next((m for m in mismatches if hasattr(m, "input_name")), mismatches[0])
+            raise InputMismatchError(
+                f"{closest}; capturing these inputs as a new signature failed too: {str(e).splitlines()[0]}"
+            ) from e
         return entry, entry.captured.flatten(args, kwargs)
 
     # --- sessions ----------------------------------------------------------------------------------------------
@@ -312,7 +343,7 @@ class CachedTransformer(torch.nn.Module):
 
     # --- the call ----------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if not self.adacache_config.enabled:
+        if not self.adacache_config.enabled or self._runs_uncached(args, kwargs):
             return self._orig_mod(*args, **kwargs)
         entry, inputs = self._entry_for(args, kwargs)
         session = self._session_for_call(args, kwargs)
@@ -322,9 +353,29 @@ class CachedTransformer(torch.nn.Module):
 
     def step(self, session: Session, *args, **kwargs):
         """Run one denoising step of an explicit session (see :meth:`new_session`)."""
+        if self._runs_uncached(args, kwargs):
+            return self._orig_mod(*args, **kwargs)
         entry, inputs = self._entry_for(args, kwargs)
         with torch.no_grad():
             return entry.captured.unflatten(self._step(session, entry, inputs))
+
+    def _runs_uncached(self, args, kwargs) -> bool:
+        """Training mode or inputs that need gradients: the original module runs, with a one-time warning.
+
+        Caching across calls would be silently wrong there (dropout and other training-mode behaviour differ per
+        call; the programs run under no_grad and would cut the autograd graph)."""
+        if self._orig_mod.training:
+            why = "the model is in training mode (call .eval() to cache)"
+        elif torch.is_grad_enabled() and any(
+            isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in pytree.tree_leaves((args, kwargs))
+        ):
+            why = "an input requires grad (run under torch.no_grad() or detach the inputs to cache)"
+        else:
+            return False
+        if why not in self._uncached_warned:
+            self._uncached_warned.add(why)
+            logger.warning("%s: %s; running the original module uncached", type(self._orig_mod).__name__, why)
+        return True
 
     def _step(self, session: Session, entry: CompiledEntry, inputs: list[torch.Tensor]):
         session.step += 1
@@ -354,20 +405,22 @@ class CachedTransformer(torch.nn.Module):
         motion = tuple(zip(values[3::2], values[4::2]))
         session.force_next = False
         if not finite:
-            self._nonfinite(session, step, "a delta or the tap holds NaN/Inf")
-            sched.observe(step, StepMetrics(float("nan"), float("nan"), motion) if sched.last_computed else None)
+            nan = float("nan")
+            record = sched.observe(step, StepMetrics(nan, nan, motion) if session.tap is not None else None)
+            self._nonfinite(session, step, "a delta or the tap holds NaN/Inf", warn=not record.nonfinite)
             return outputs
         record = sched.observe(step, StepMetrics(diff_norm, prev_norm, motion) if session.tap is not None else None)
         if record.nonfinite:
-            self._nonfinite(session, step, "the metric is NaN/Inf")
+            self._nonfinite(session, step, "the metric is NaN/Inf", warn=False)
             return outputs
         session.deltas, session.tap, session.input_key = deltas, tap, key
         if step >= session.num_steps:
             session.clear_cache()  # the generation is over; free its buffers
         return outputs
 
-    def _nonfinite(self, session: Session, step: int, why: str) -> None:
-        if not session.nonfinite_steps:
+    def _nonfinite(self, session: Session, step: int, why: str, *, warn: bool) -> None:
+        """Drop the cache and force the next step; ``warn=False`` where the schedule has already warned."""
+        if warn and not session.nonfinite_steps:
             logger.warning(
                 "session %r step %d: %s; this and the next step are computed in full", session.name, step, why
             )

@@ -18,6 +18,7 @@ import time
 import torch
 
 import adacache_compile as ac
+from adacache_compile.calibrate import RECORD_CONFIG, calibrate_config, metrics_from_stats
 from adacache_compile.config import AdaCacheConfig
 from adacache_compile.runtime import CompiledEntry
 
@@ -75,6 +76,9 @@ def main(argv=None):
     parser.add_argument("--preset", default="fast-30")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument(
+        "--calibrate", default="fast", help="codebook from a rate-1 recording: fast|slow|'' (use --preset as is)"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the same code on CPU in float32 (tiny sizes)")
     args = parser.parse_args(argv)
@@ -157,6 +161,19 @@ def main(argv=None):
     reference, uncached_s = generate(model, latents, timesteps, kwargs)
     report["uncached_s"] = uncached_s
     print(f"uncached {args.steps} steps: {uncached_s:.2f} s")
+    if args.calibrate:
+        # A random-init model has no learned trajectory, so a published codebook says little about it: record its
+        # per-step metrics with a rate-1 run (the calibration tool's method) and place the thresholds on them.
+        recorder = ac.optimize(model, RECORD_CONFIG, num_steps=args.steps)
+        recorder._entries.append(first)
+        generate(recorder, latents, timesteps, kwargs, lambda: recorder.generation(args.steps))
+        metrics = metrics_from_stats(recorder.stats["history"][-1])
+        config = calibrate_config([metrics], args.steps, args.calibrate)
+        for module in (eager, graphs):
+            module.adacache_config = config
+        report["calibrated_codebook"] = [list(p) for p in config.codebook]
+        report["recorded_metrics"] = metrics
+        print(f"calibrated ({args.calibrate}) codebook: {[(round(t, 4), r) for t, r in config.codebook]}")
     for name, module in (("adacache_eager", eager), ("adacache_cudagraphs", graphs)):
         module.reset()
         out, seconds = generate(module, latents, timesteps, kwargs, lambda m=module: m.generation(args.steps))

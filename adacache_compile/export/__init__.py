@@ -46,6 +46,8 @@ from .manifest import (
     ProgramSpec,
     TensorSpec,
     atomic_write_bytes,
+    check_engine_environment,
+    gpu_versions,
     hash_artifacts,
     library_versions,
     model_fingerprint,
@@ -384,7 +386,13 @@ def _stamp_fingerprint(path: Path, fingerprint: str) -> None:
 def _onnx_fingerprint(path: Path) -> str | None:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not a whole ONNX model
+        raise ArtifactError(
+            f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the file is truncated or corrupt, re-export the directory"
+        ) from e
     return next((p.value for p in model.metadata_props if p.key == FINGERPRINT_KEY), None)
 
 
@@ -591,7 +599,7 @@ def build_engines(
         )
     files = [f for f in manifest.files if not f.endswith(ENGINE_SUFFIXES)] + [p.name for p in engines.values()]
     manifest.files = hash_artifacts(out_dir, files)
-    manifest.versions = library_versions()
+    manifest.versions = {**library_versions(), **gpu_versions()}
     manifest.runtime["engines"] = {name: path.name for name, path in engines.items()}
     manifest.runtime["precision"] = precision
     write_manifest(out_dir, manifest)
@@ -654,6 +662,7 @@ def load(
         engines = manifest.runtime.get("engines") or {}
         if set(engines) != set(manifest.programs):
             raise ArtifactError(f"{out_dir}: no TensorRT engines recorded in the manifest; run build_engines first")
+        check_engine_environment(manifest.versions, {**library_versions(), **gpu_versions()}, str(out_dir))
         io_names = {
             name: ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
             for name, spec in manifest.programs.items()

@@ -33,6 +33,8 @@ __all__ = [
     "TensorSpec",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_engine_environment",
+    "gpu_versions",
     "hash_artifacts",
     "library_versions",
     "model_fingerprint",
@@ -50,6 +52,8 @@ MANIFEST_NAME = "manifest.json"
 ROLES = ("model_input", "model_output", "delta", "tap", "tap_prev", "metric")
 # TensorRT plans run only under the TensorRT version that built them.
 ENGINE_SUFFIXES = (".plan", ".engine")
+# What a TensorRT plan is tied to: the TensorRT version and the GPU (tactics and kernels are chosen per device).
+ENGINE_ENVIRONMENT = ("tensorrt", "gpu", "compute_capability")
 _CHUNK = 1 << 20
 
 
@@ -291,3 +295,36 @@ def model_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
         "num_elements": num_elements,
         "weights_sha256": digest.hexdigest(),
     }
+
+
+def gpu_versions() -> dict[str, str]:
+    """The current CUDA GPU's name and compute capability (``{"gpu": "NVIDIA H100 80GB HBM3",
+    "compute_capability": "9.0"}``); empty without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        return {}
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
+
+
+def check_engine_environment(recorded: Mapping[str, str], current: Mapping[str, str], source: str) -> None:
+    """Raise ``ArtifactError`` naming both sides unless TensorRT engines built where ``recorded`` (a manifest's
+    ``versions``) can run where ``current`` (``{**library_versions(), **gpu_versions()}``): same TensorRT version,
+    same GPU, same compute capability. A manifest from before the GPU was recorded is accepted with a warning."""
+    for key in ENGINE_ENVIRONMENT:
+        built, here = recorded.get(key), current.get(key)
+        if built is None:
+            logger.warning(
+                "%s: the manifest does not record the %s the engines were built for; not checked", source, key
+            )
+        elif here is None:
+            raise ArtifactError(
+                f"{source}: the TensorRT engines were built for {key} {built!r}, and none is available here "
+                f"({'no CUDA GPU is visible' if key != 'tensorrt' else 'tensorrt is not installed'})"
+            )
+        elif built != here:
+            raise ArtifactError(
+                f"{source}: the TensorRT engines were built for {key} {built!r}, this machine has {key} {here!r}; "
+                "engines only run on the TensorRT version and GPU they were built for: rebuild them here with "
+                "build_engines()"
+            )

@@ -104,6 +104,9 @@ class ExportedTransformer(CachedTransformer):
         """The plan of the model the programs were exported from, as ``CachePlan.describe()`` printed it."""
         return self.manifest.runtime.get("describe", "")
 
+    def _runs_uncached(self, args, kwargs) -> bool:
+        return False  # no source model to fall back to; the exported programs carry no autograd or training mode
+
     def capture(self, args: tuple = (), kwargs: dict | None = None) -> CompiledEntry:
         raise InputMismatchError(f"{self.source}: an exported runtime cannot capture; re-export for a new signature")
 
