@@ -22,6 +22,9 @@ __all__ = [
     "CODEBOOK_REFERENCE_100",
     "CODEBOOK_FAST_30",
     "CODEBOOK_SLOW_30",
+    "CODEBOOK_FAST_50",
+    "CODEBOOK_SLOW_50",
+    "MOREG_WINDOW_50",
     "MOREG_WINDOW_100",
     "MOREG_WINDOW_30",
 ]
@@ -34,6 +37,12 @@ CODEBOOK_FAST_30: Codebook = ((0.08, 6), (0.16, 5), (0.24, 4), (0.32, 3), (0.40,
 CODEBOOK_SLOW_30: Codebook = ((0.08, 3), (0.16, 2), (0.24, 1), (0.32, 1), (0.40, 1), (1.00, 1))
 
 # Reference MoReg windows (inclusive, 1-based steps) for the step counts the reference calibrated.
+# 50 steps (no published codebook): calibrated on the bundled testbed with `adacache-compile calibrate --steps 50`
+# (12 uncached generations, every shape x motion bucket, seeds 1000-1023; thresholds at quantiles of the recorded
+# per-step metric; see adacache_compile/calibrate.py TEMPLATES and benchmarks/results/calibration_testbed_50.json).
+CODEBOOK_FAST_50: Codebook = ((0.0508, 6), (0.0612, 5), (0.0674, 4), (0.0769, 3), (0.092, 2), (1e6, 1))
+CODEBOOK_SLOW_50: Codebook = ((0.0508, 3), (0.0674, 2), (1e6, 1))
+MOREG_WINDOW_50 = (5, 45)
 MOREG_WINDOW_100 = (10, 90)
 MOREG_WINDOW_30 = (4, 26)
 
@@ -315,6 +324,8 @@ def _reference_presets() -> dict[str, AdaCacheConfig]:
         ("reference-100", CODEBOOK_REFERENCE_100, MOREG_WINDOW_100),
         ("fast-30", CODEBOOK_FAST_30, MOREG_WINDOW_30),
         ("slow-30", CODEBOOK_SLOW_30, MOREG_WINDOW_30),
+        ("fast-50", CODEBOOK_FAST_50, MOREG_WINDOW_50),
+        ("slow-50", CODEBOOK_SLOW_50, MOREG_WINDOW_50),
     ):
         presets[name] = AdaCacheConfig(codebook=codebook)
         presets[f"{name}+moreg"] = AdaCacheConfig(codebook=codebook, moreg=MoRegConfig(window=window))

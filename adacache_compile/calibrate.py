@@ -1,0 +1,176 @@
+"""Codebook calibration from uncached runs.
+
+The reference published codebooks only for 30 and 100 steps and calibrated them from baseline runs on a few prompts.
+This module does the same from a user's own generations: record the stride-1 metric (relative L1 change of the tap
+between consecutive steps) at every step with a rate-1 codebook, then place the codebook thresholds at quantiles of
+that distribution (fast / slow templates shaped like the reference ones), or scale them until a simulated schedule
+reaches a target fraction of computed steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .config import AdaCacheConfig
+from .schedule import Schedule, StepMetrics
+
+__all__ = ["RECORD_CONFIG", "TEMPLATES", "codebook_from_metrics", "simulate", "calibrate_config", "metrics_from_stats"]
+
+# Rate 1 at every step: every step is computed and its metric recorded (the run equals the uncached model).
+RECORD_CONFIG = AdaCacheConfig(codebook=((1e12, 1),))
+_OPEN_END = 1e6  # the last pair's threshold: "anything larger"
+
+# (quantile, rate) pairs shaped like the reference codebooks: fast steps down from rate 6, slow from rate 3.
+TEMPLATES: dict[str, tuple[tuple[float, int], ...]] = {
+    "fast": ((0.30, 6), (0.45, 5), (0.60, 4), (0.75, 3), (0.90, 2)),
+    "slow": ((0.30, 3), (0.60, 2)),
+}
+
+
+def metrics_from_stats(history: dict) -> list[float]:
+    """The per-step metrics of one recorded generation (``cached.stats['history'][i]``), first step excluded."""
+    return [r["raw_metric"] for r in history["records"] if r["raw_metric"] is not None]
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def codebook_from_metrics(metrics: Sequence[float], target: str = "fast", scale: float = 1.0):
+    """Ascending ``(threshold, rate)`` pairs from recorded per-step metrics and a template name."""
+    finite = [m for m in metrics if math.isfinite(m)]
+    if len(finite) < 3:
+        raise ValueError(f"calibration needs at least 3 recorded metrics, got {len(finite)}")
+    if target not in TEMPLATES:
+        raise ValueError(f"calibration target {target!r}: expected one of {sorted(TEMPLATES)}")
+    pairs, last = [], 0.0
+    for q, rate in TEMPLATES[target]:
+        threshold = max(_quantile(finite, q) * scale, last * (1 + 1e-6) + 1e-12)
+        pairs.append((threshold, rate))
+        last = threshold
+    pairs.append((max(_OPEN_END, last * 10), 1))
+    return tuple(pairs)
+
+
+def simulate(config: AdaCacheConfig, per_step_metrics: Sequence[float], num_steps: int) -> list[int]:
+    """Computed steps the schedule would take if the metric over a stride were the mean per-step metric over it
+    (times the stride, as a steady drift gives); MoReg is not simulated."""
+    schedule = Schedule(config.replace(moreg=None), num_steps)
+    series = list(per_step_metrics)
+    for step in range(1, num_steps + 1):
+        if not schedule.is_computed(step):
+            schedule.mark_skipped(step)
+            continue
+        if schedule.last_computed == 0:
+            schedule.observe(step, None)
+            continue
+        window = series[schedule.last_computed - 1 : step - 1] or [series[-1]]
+        change = sum(window)
+        schedule.observe(step, StepMetrics(diff_norm=change, prev_norm=1.0))
+    return list(schedule.computed_steps)
+
+
+def calibrate_config(
+    runs: Sequence[Sequence[float]],
+    num_steps: int,
+    target: str | float = "fast",
+    base: AdaCacheConfig | None = None,
+) -> AdaCacheConfig:
+    """A config whose codebook comes from recorded runs (each a list of per-step metrics, steps 2..N).
+
+    ``target`` is a template name (``"fast"``, ``"slow"``) or a fraction of steps to compute (e.g. ``0.4``): the fast
+    template's thresholds are then scaled (bisection on a log scale) until the simulated mean fraction is closest.
+    """
+    base = base or AdaCacheConfig(codebook=((1.0, 1),))
+    pooled = [m for run in runs for m in run]
+    if isinstance(target, str):
+        return base.replace(codebook=codebook_from_metrics(pooled, target))
+    if not 0 < target <= 1:
+        raise ValueError(f"target compute fraction {target}: expected a number in (0, 1]")
+
+    def fraction(scale: float) -> float:
+        config = base.replace(codebook=codebook_from_metrics(pooled, "fast", scale))
+        return sum(len(simulate(config, run, num_steps)) for run in runs) / (len(runs) * num_steps)
+
+    lo, hi = 1e-3, 1e3  # larger scale -> larger thresholds -> higher rates -> fewer computed steps
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        if fraction(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return base.replace(codebook=codebook_from_metrics(pooled, "fast", hi))
+
+
+def record_testbed_metrics(testbed, videos, num_steps: int, progress: bool = False) -> list[list[float]]:
+    """Per-step metrics of uncached testbed generations (rate 1 at every step: the outputs are the uncached ones)."""
+    from .runtime import optimize
+    from .testbed.sample import sample
+
+    recorder = optimize(testbed.transformer, RECORD_CONFIG, num_steps=num_steps)
+    runs = []
+    for shape, motion, seed in videos:
+        with recorder.generation(num_steps=num_steps):
+            sample(recorder, testbed, [(shape, motion)], [seed], num_steps=num_steps, progress=progress)
+        runs.append(metrics_from_stats(recorder.stats["history"][-1]))
+    return runs
+
+
+# Calibration videos: every shape and motion bucket, seeds disjoint from the demo's and the benchmark's.
+CALIBRATION_VIDEOS = [
+    (shape, motion, 1000 + 10 * i + motion) for i, shape in enumerate(("square", "disc", "bar")) for motion in range(4)
+]
+
+
+def _parse_target(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .testbed import load_testbed
+
+    testbed = load_testbed()
+    runs = record_testbed_metrics(testbed, CALIBRATION_VIDEOS, args.steps, progress=not args.no_progress)
+    out = {}
+    for target in args.target:
+        config = calibrate_config(runs, args.steps, _parse_target(target))
+        fractions = [len(simulate(config, run, args.steps)) / args.steps for run in runs]
+        out[target] = {
+            "config": config.to_dict(),
+            "simulated_compute_fraction": sum(fractions) / len(fractions),
+        }
+        print(
+            f"{target}: codebook {[(round(t, 4), r) for t, r in config.codebook]}, "
+            f"simulated compute fraction {out[target]['simulated_compute_fraction']:.2f}"
+        )
+    report = {
+        "num_steps": args.steps,
+        "videos": CALIBRATION_VIDEOS,
+        "recorded_metrics": runs,
+        "targets": out,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="codebook thresholds from uncached runs of the testbed (fast / slow / compute fraction)"
+    )
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--target", nargs="+", default=["fast", "slow"], help="fast, slow, or a compute fraction")
+    parser.add_argument("--out", help="write the configs and the recorded metrics as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(run=_run)

@@ -1,0 +1,316 @@
+"""Train the testbed DiT on procedural moving-shape clips.
+
+    python -m adacache_compile.testbed.train --out adacache_compile/testbed/checkpoint --minutes 40 --threads 1
+
+Writes ``model.safetensors`` (EMA weights of transformer and label conditioner), ``config.json`` and ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import HELD_OUT_SEED_BASE, TRAIN_SEED_LIMIT, DataConfig, make_batch
+from .model import CondConfig, LabelConditioner, ModelConfig, build_transformer
+
+__all__ = ["TrainConfig", "SCHEDULER_CONFIG", "OBJECTIVE", "denoising_loss", "train", "main"]
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVE = "epsilon"
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": OBJECTIVE,
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+}
+# Held-out clips on which the loss curve is measured (fixed clips, timesteps and noise).
+EVAL_SEED_OFFSET = 1000
+EVAL_CLIPS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    # Per-sample weight of the epsilon MSE is min(1 / alpha_bar_t, max_loss_weight): above 1 it shifts effort to
+    # high-noise steps, where plain epsilon MSE is tiny but errors in the implied x0 decide the layout of the video.
+    max_loss_weight: float = 1.0
+    log_every: int = 50
+    eval_every_s: float = 120.0
+
+
+def _alphas_cumprod() -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod
+
+
+def denoising_loss(
+    transformer, cond: LabelConditioner, videos: torch.Tensor, shapes: torch.Tensor, motions: torch.Tensor, seed: int
+) -> float:
+    """Mean epsilon-MSE over the clips with timesteps and noise drawn from ``seed`` (same draws for every model)."""
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (videos.shape[0],), generator=generator)
+    noise = torch.randn(videos.shape, generator=generator)
+    alpha_bar = _alphas_cumprod()[timesteps].view(-1, 1, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * videos + (1.0 - alpha_bar).sqrt() * noise
+    with torch.no_grad():
+        prediction = transformer(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
+        )[0]
+    return F.mse_loss(prediction, noise).item()
+
+
+def _lr_factor(step: int, fraction_done: float, config: TrainConfig) -> float:
+    warmup = min(1.0, (step + 1) / config.warmup_steps)
+    return warmup * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(fraction_done, 1.0))))
+
+
+def train(
+    out: Path,
+    minutes: float,
+    threads: int,
+    config: TrainConfig | None = None,
+    seed: int = 0,
+    init_from: Path | None = None,
+) -> dict:
+    """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint."""
+    config = config or TrainConfig()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    data_config, model_config = DataConfig(), ModelConfig()
+    cond_config = CondConfig(
+        num_shapes=data_config.num_shapes,
+        num_motion_buckets=data_config.num_motion_buckets,
+        caption_channels=model_config.caption_channels,
+    )
+    transformer = build_transformer(model_config, data_config)
+    cond = LabelConditioner(cond_config)
+    previous = None
+    if init_from is not None:
+        from . import load_testbed
+
+        saved = load_testbed(init_from)
+        transformer.load_state_dict(saved.transformer.state_dict())
+        cond.load_state_dict(saved.cond.state_dict())
+        previous = saved.meta["training"]
+    ema_transformer, ema_cond = copy.deepcopy(transformer).eval(), copy.deepcopy(cond).eval()
+    params = list(transformer.parameters()) + list(cond.parameters())
+    num_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    alphas_cumprod = _alphas_cumprod()
+    generator = torch.Generator().manual_seed(seed)
+
+    eval_batch = make_batch(
+        range(HELD_OUT_SEED_BASE + EVAL_SEED_OFFSET, HELD_OUT_SEED_BASE + EVAL_SEED_OFFSET + EVAL_CLIPS)
+    )
+    init_loss = denoising_loss(transformer.eval(), cond, *eval_batch, seed=seed)
+    logger.info("params %d, held-out loss at start %.4f", num_params, init_loss)
+    curve = [{"step": 0, "minutes": 0.0, "train_loss": None, "eval_loss_ema": init_loss}]
+
+    first_step = previous["steps"] if previous else 0
+    budget_s = minutes * 60.0
+    start = last_eval = time.monotonic()
+    step, running = 0, []
+    transformer.train()
+    while (elapsed := time.monotonic() - start) < budget_s:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, elapsed / budget_s, config)
+        # A continued run draws clips after the ones its predecessor saw.
+        seeds = ((first_step + step) * config.batch_size + torch.arange(config.batch_size)) % TRAIN_SEED_LIMIT
+        videos, shapes, motions = make_batch(seeds.tolist(), data_config)
+        dropped = torch.rand(config.batch_size, generator=generator) < cond_config.label_dropout
+        shapes, motions = shapes.masked_fill(dropped, -1), motions.masked_fill(dropped, -1)
+        timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,), generator=generator)
+        noise = torch.randn(videos.shape, generator=generator)
+        alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * videos + (1.0 - alpha_bar).sqrt() * noise
+        prediction = transformer(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
+        )[0]
+        weight = (1.0 / alpha_bar).clamp(max=config.max_loss_weight)
+        loss = (weight * (prediction - noise).square()).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        # Short warm-up of the EMA so early checkpoints are not dominated by the random init.
+        decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for ema_module, module in ((ema_transformer, transformer), (ema_cond, cond)):
+                for ema_p, p in zip(ema_module.parameters(), module.parameters()):
+                    ema_p.lerp_(p, 1.0 - decay)
+        running.append(loss.item())
+        step += 1
+        if step % config.log_every == 0:
+            logger.info(
+                "step %d  %.1f min  loss %.4f  lr %.2e  %.2f steps/s",
+                step,
+                elapsed / 60.0,
+                sum(running[-config.log_every :]) / config.log_every,
+                optimizer.param_groups[0]["lr"],
+                step / max(elapsed, 1e-6),
+            )
+        if time.monotonic() - last_eval > config.eval_every_s:
+            last_eval = time.monotonic()
+            eval_loss = denoising_loss(ema_transformer, ema_cond, *eval_batch, seed=seed)
+            train_loss = sum(running[-200:]) / len(running[-200:])
+            curve.append(
+                {
+                    "step": step,
+                    "minutes": round(elapsed / 60.0, 2),
+                    "train_loss": train_loss,
+                    "eval_loss_ema": eval_loss,
+                }
+            )
+            logger.info("eval  step %d  train %.4f  held-out (EMA) %.4f", step, train_loss, eval_loss)
+
+    wall_s = time.monotonic() - start
+    final_loss = denoising_loss(ema_transformer, ema_cond, *eval_batch, seed=seed)
+    train_loss = sum(running[-200:]) / max(len(running[-200:]), 1)
+    curve.append(
+        {"step": step, "minutes": round(wall_s / 60.0, 2), "train_loss": train_loss, "eval_loss_ema": final_loss}
+    )
+    logger.info(
+        "done: %d steps in %.1f min, held-out loss %.4f (init %.4f)", step, wall_s / 60.0, final_loss, init_loss
+    )
+
+    summary = {
+        "steps": step,
+        "batch_size": config.batch_size,
+        "wall_minutes": round(wall_s / 60.0, 2),
+        "threads": threads,
+        "num_params": num_params,
+        "random_init_eval_loss": previous["random_init_eval_loss"] if previous else init_loss,
+        "final_eval_loss_ema": final_loss,
+        "curve": curve,
+        "train_config": dataclasses.asdict(config),
+        "continued_from": previous,
+    }
+    _save(out, ema_transformer, ema_cond, data_config, model_config, cond_config, summary)
+    return summary
+
+
+def _save(out: Path, transformer, cond, data_config, model_config, cond_config, summary: dict) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"transformer.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
+    tensors.update({f"cond.{k}": v.contiguous() for k, v in cond.state_dict().items()})
+    save_file(tensors, str(out / "model.safetensors"))
+    config = {
+        "transformer": dict(transformer.config),
+        "model": dataclasses.asdict(model_config),
+        "cond": dataclasses.asdict(cond_config),
+        "data": dataclasses.asdict(data_config),
+        "scheduler": SCHEDULER_CONFIG,
+        "objective": OBJECTIVE,
+        "training": {k: v for k, v in summary.items() if k != "curve"},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
+    (out / "MODEL_CARD.md").write_text(_model_card(summary, data_config, model_config))
+
+
+def _continued_note(summary: dict) -> str:
+    previous = summary["continued_from"]
+    if previous is None:
+        return ""
+    return (
+        f"- Continued from an earlier run of {previous['steps']} steps ({previous['wall_minutes']} min, final held-out"
+        f" loss {previous['final_eval_loss_ema']:.4f}); the step-0 row below is that checkpoint.\n"
+    )
+
+
+def _model_card(summary: dict, data_config: DataConfig, model_config: ModelConfig) -> str:
+    rows = "\n".join(
+        "| {} | {} | {} | {:.4f} |".format(
+            p["step"], p["minutes"], "-" if p["train_loss"] is None else f"{p['train_loss']:.4f}", p["eval_loss_ema"]
+        )
+        for p in summary["curve"]
+    )
+    return f"""# Testbed DiT — model card
+
+A small diffusers `LatteTransformer3DModel` (alternating spatial / temporal blocks) trained from scratch on CPU,
+in pixel space, on procedural videos of moving shapes. It is the default model of the demo, the benchmark testbed
+and the model the tests load. It is a testbed for caching, not a generative model anyone should use for content.
+
+## Model
+- Latte: {model_config.num_layers} spatial + {model_config.num_layers} temporal blocks,
+  {model_config.num_attention_heads} heads x {model_config.attention_head_dim} dims, patch {model_config.patch_size},
+  `ada_norm_single`, in/out channels 3 (RGB pixels, no VAE).
+- Conditioning: learned embedding of (shape class, motion bucket) -> 2 caption tokens of
+  {model_config.caption_channels} channels, plus a learned null token per label for classifier-free guidance
+  (both labels dropped together with probability 0.1 during training).
+- Parameters: {summary["num_params"]:,} (transformer + conditioner); float32 weights are the EMA (decay
+  {summary["train_config"]["ema_decay"]}) of the trained weights.
+
+## Data
+`adacache_compile.testbed.data`: {data_config.frames} frames at {data_config.size}x{data_config.size} RGB in [-1, 1],
+layout [C, F, H, W]. Shapes: square, disc, triangle, cross, bar in 7 saturated colours over a dark plain or gradient
+background; motion buckets 0 static, 1 slow (0.35-0.6 px/frame), 2 medium (0.9-1.3), 3 fast (1.8-2.6), bouncing
+off the borders; {data_config.second_object_prob:.0%} of clips have a second (unlabelled) object of the same motion
+bucket. Each clip is a function of its seed; training used seeds below 2^30, evaluation seeds from 2^31 on.
+
+## Training
+- Objective: {OBJECTIVE}-prediction MSE, DDPM linear betas 1e-4..0.02, 1000 train timesteps, uniform timesteps;
+  per-sample weight min(1 / alpha_bar_t, {summary["train_config"]["max_loss_weight"]}) (train loss column is weighted).
+- AdamW lr {summary["train_config"]["lr"]} (warm-up {summary["train_config"]["warmup_steps"]} steps, cosine to 10%
+  over the time budget), weight decay {summary["train_config"]["weight_decay"]}, grad clip
+  {summary["train_config"]["grad_clip"]}, batch {summary["batch_size"]}.
+- {summary["steps"]} steps in {summary["wall_minutes"]} min wall time on {summary["threads"]} CPU thread(s).
+{_continued_note(summary)}- Random-init loss on the held-out set: **{summary["random_init_eval_loss"]:.4f}**; final (EMA):
+  **{summary["final_eval_loss_ema"]:.4f}**.
+
+Held-out loss: {EVAL_CLIPS} clips of unseen seeds, fixed timesteps and noise (the same draws for every row). Train
+loss: mean of the last 200 steps (10% of labels dropped).
+
+| step | minutes | train loss | held-out loss (EMA) |
+|---|---|---|---|
+{rows}
+
+## Sampling
+`adacache_compile.testbed.sample`: DDIM, 50 steps, batched classifier-free guidance.
+"""
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
+    parser.add_argument("--minutes", type=float, default=40.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--max-loss-weight", type=float, default=TrainConfig.max_loss_weight)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", type=Path, default=None, help="checkpoint directory to continue training from")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    train(
+        args.out,
+        args.minutes,
+        args.threads,
+        TrainConfig(batch_size=args.batch_size, lr=args.lr, max_loss_weight=args.max_loss_weight),
+        seed=args.seed,
+        init_from=args.init_from,
+    )
+
+
+if __name__ == "__main__":
+    main()

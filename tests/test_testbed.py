@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from adacache_compile.testbed import (
+    CHECKPOINT_DIR,
+    HELD_OUT_SEED_BASE,
+    MOTION_BUCKETS,
+    load_testbed,
+    make_batch,
+    make_clip,
+    measured_motion,
+    sample,
+)
+from adacache_compile.testbed.train import denoising_loss
+
+needs_checkpoint = pytest.mark.skipif(
+    not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="testbed checkpoint not shipped in this tree"
+)
+# Held-out seeds no training run draws (training uses seeds below 2**30) and unlike the card's evaluation clips.
+TEST_SEEDS = range(HELD_OUT_SEED_BASE + 50_000, HELD_OUT_SEED_BASE + 50_032)
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    torch.set_num_threads(1)
+    return load_testbed()
+
+
+@needs_checkpoint
+def test_trained_loss_at_most_half_of_random_init(testbed):
+    torch.manual_seed(0)
+    untrained = load_testbed(random_init=True)
+    batch = make_batch(TEST_SEEDS, testbed.data_config)
+    trained_loss = denoising_loss(testbed.transformer, testbed.cond, *batch, seed=123)
+    untrained_loss = denoising_loss(untrained.transformer, untrained.cond, *batch, seed=123)
+    assert trained_loss <= 0.5 * untrained_loss, (trained_loss, untrained_loss)
+
+
+@needs_checkpoint
+def test_samples_are_deterministic_by_seed(testbed):
+    labels = [("disc", 2), ("square", 0)]
+    first = sample(testbed.transformer, testbed, labels, seeds=[11, 12], num_steps=10, progress=False)
+    again = sample(testbed.transformer, testbed, labels, seeds=[11, 12], num_steps=10, progress=False)
+    other = sample(testbed.transformer, testbed, labels, seeds=[13, 12], num_steps=10, progress=False)
+    assert first.shape == (2, 3, 8, 16, 16)
+    assert first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, again)
+    assert (first[0] - other[0]).abs().mean() > 0.01
+    torch.testing.assert_close(first[1], other[1], rtol=1e-4, atol=1e-4)
+
+
+def test_data_is_deterministic_by_seed():
+    clip, same, different = make_clip(5), make_clip(5), make_clip(6)
+    assert torch.equal(clip.video, same.video) and (clip.shape, clip.motion) == (same.shape, same.motion)
+    assert not torch.equal(clip.video, different.video)
+    assert clip.video.shape == (3, 8, 16, 16)
+    assert clip.video.min() >= -1 and clip.video.max() <= 1
+
+
+def test_motion_buckets_differ_in_measured_motion():
+    videos, _, motions = make_batch(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + 400))
+    per_bucket = [measured_motion(videos[motions == bucket]).mean().item() for bucket in range(len(MOTION_BUCKETS))]
+    assert per_bucket[0] == 0.0
+    # Each bucket moves clearly more than the one below it.
+    for slower, faster in zip(per_bucket, per_bucket[1:]):
+        assert faster > 1.5 * slower + 0.005, per_bucket
