@@ -14,63 +14,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .testbed.tiny_models import FAMILIES
+
 __all__ = ["COMMANDS", "PLUGIN_MODULES", "build_model", "main"]
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("testbed", "latte-tiny", "wan-tiny")
-
-# Small random-init configs of the diffusers video transformers (2 layers), for trying the tool without weights.
-_TINY_CONFIGS = {
-    "latte-tiny": (
-        "LatteTransformer3DModel",
-        dict(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            num_layers=2,
-            cross_attention_dim=16,
-            sample_size=8,
-            patch_size=2,
-            caption_channels=16,
-            video_length=4,
-            norm_type="ada_norm_single",
-            num_embeds_ada_norm=1000,
-        ),
-    ),
-    "wan-tiny": (
-        "WanTransformer3DModel",
-        dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            text_dim=16,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=2,
-            rope_max_seq_len=32,
-        ),
-    ),
-}
-
-
-def _example_inputs(model, *, batch: int = 2, frames: int, size: int, text_len: int, text_dim: int, seed: int = 0):
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    channels = model.config.in_channels
-    inputs = {
-        "hidden_states": torch.randn(batch, channels, frames, size, size, generator=generator),
-        "encoder_hidden_states": torch.randn(batch, text_len, text_dim, generator=generator),
-        "timestep": torch.full((batch,), 500, dtype=torch.long),
-        "return_dict": False,
-    }
-    if type(model).__name__ == "LatteTransformer3DModel":
-        inputs["enable_temporal_attentions"] = True
-    return inputs
+# The shipped testbed, or a tiny random-init model of each supported family (2 layers; nothing downloaded).
+MODELS = ("testbed", *(f"{family}-tiny" for family in FAMILIES))
 
 
 def build_model(name: str, *, seed: int = 0):
@@ -90,22 +41,20 @@ def build_model(name: str, *, seed: int = 0):
             return build_model("latte-tiny", seed=seed)
         model = testbed.transformer
         config = model.config
-        return model, _example_inputs(
-            model,
-            frames=config.video_length,
-            size=config.sample_size,
-            text_len=2,
-            text_dim=config.caption_channels,
-            seed=seed,
-        )
-    import diffusers
+        generator = torch.Generator().manual_seed(seed)
+        size = (2, config.in_channels, config.video_length, config.sample_size, config.sample_size)
+        return model, {
+            "hidden_states": torch.randn(size, generator=generator),
+            "timestep": torch.full((2,), 500, dtype=torch.long),
+            "encoder_hidden_states": torch.cat([testbed.make_condition([("disc", 1)]), testbed.cond.null(1)]),
+            "return_dict": False,
+        }
+    from .testbed.tiny_models import build
 
-    class_name, config = _TINY_CONFIGS[name]
-    torch.manual_seed(seed)
-    model = getattr(diffusers, class_name)(**config).eval().requires_grad_(False)
-    if name == "latte-tiny":
-        return model, _example_inputs(model, frames=4, size=8, text_len=3, text_dim=16, seed=seed)
-    return model, _example_inputs(model, frames=3, size=8, text_len=3, text_dim=16, seed=seed)
+    model, inputs = build(name.removesuffix("-tiny"), seed=seed)
+    if name != "tiny-dit-tiny":
+        inputs["return_dict"] = False
+    return model.requires_grad_(False), inputs
 
 
 def _config(spec: str | None):

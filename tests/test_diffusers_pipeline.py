@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel  
 import adacache_compile  # noqa: E402
 from adacache_compile import AdaCacheConfig, CachedTransformer  # noqa: E402
 from adacache_compile.diffusers_integration import is_applied  # noqa: E402
+from adacache_compile.testbed.tiny_models import tiny_model  # noqa: E402
 
 NUM_STEPS = 8
 # Threshold 10 is above any metric: every computed step after step 1 picks rate 3.
@@ -43,18 +44,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_wan_pipeline(scheduler) -> WanPipeline:
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
+    transformer = tiny_model("wan")
     vae = AutoencoderKLWan(
         base_dim=4,
         z_dim=4,

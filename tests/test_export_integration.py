@@ -63,7 +63,7 @@ def test_manifest_names_axes_and_runtime_section(latte):
     full = manifest["programs"]["full"]
     assert [t["name"] for t in full["inputs"]] == ["hidden_states", "timestep", "encoder_hidden_states", "tap_prev"]
     assert [t["name"] for t in full["outputs"]] == ["output.0", "delta_stream0", "tap", "metrics"]
-    assert full["inputs"][0]["shape"] == ["batch", 4, 4, 8, 8]
+    assert full["inputs"][0]["shape"] == ["batch", 4, 3, 8, 8]
     assert manifest["profile_ranges"]["batch"] == {"min": 1, "opt": 2, "max": 2}
     assert set(manifest["files"]) == {"full.onnx", "skip.onnx"}
     assert manifest["runtime"]["num_outputs"] == 1 and manifest["runtime"]["delta_names"] == ["delta_stream0"]

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 from diffusers import LatteTransformer3DModel  # noqa: E402
 
 from adacache_compile import AdaCacheConfig, optimize  # noqa: E402
+from adacache_compile.testbed.tiny_models import tiny_model  # noqa: E402
 
 NUM_STEPS = 8
 # Threshold 10 is above any metric: every computed step after step 1 picks rate 3.
@@ -24,21 +25,7 @@ EXPECTED_SKIPPED = [3, 4, 6]
 
 
 def tiny_latte() -> LatteTransformer3DModel:
-    torch.manual_seed(0)
-    return LatteTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        cross_attention_dim=16,
-        sample_size=8,
-        patch_size=2,
-        caption_channels=16,
-        video_length=4,
-        norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000,
-    ).eval()
+    return tiny_model("latte", video_length=4)
 
 
 @pytest.fixture(scope="module")
