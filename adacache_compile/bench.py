@@ -367,6 +367,8 @@ def run_bench(
                 seconds, outputs = _generate_hooked(testbed, method, denoiser, videos, num_steps, progress)
                 schedules = []
             else:
+                # Untimed first: switching to a config with other MoReg strides re-captures the programs lazily.
+                generate(testbed, method, videos[:1], num_steps, cached, progress=False)
                 seconds, outputs, schedules = generate(testbed, method, videos, num_steps, cached, progress)
             method.round_seconds.append(seconds)
             if round_index == 0:

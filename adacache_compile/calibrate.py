@@ -12,13 +12,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .config import AdaCacheConfig
+from .config import AdaCacheConfig, MoRegConfig
 from .schedule import Schedule, StepMetrics
 
-__all__ = ["RECORD_CONFIG", "TEMPLATES", "codebook_from_metrics", "simulate", "calibrate_config", "metrics_from_stats"]
+__all__ = [
+    "RECORD_CONFIG",
+    "TEMPLATES",
+    "codebook_from_metrics",
+    "simulate",
+    "calibrate_config",
+    "metrics_from_stats",
+    "motions_from_stats",
+    "moreg_threshold",
+]
 
-# Rate 1 at every step: every step is computed and its metric recorded (the run equals the uncached model).
-RECORD_CONFIG = AdaCacheConfig(codebook=((1e12, 1),))
+# Rate 1 at every step: every step is computed and its metric recorded (the run equals the uncached model). MoReg
+# over every step records the motion estimate too (it cannot change a rate-1 schedule).
+RECORD_CONFIG = AdaCacheConfig(codebook=((1e12, 1),), moreg=MoRegConfig(window=(1, 1.0)))
 _OPEN_END = 1e6  # the last pair's threshold: "anything larger"
 
 # (quantile, rate) pairs shaped like the reference codebooks: fast steps down from rate 6, slow from rate 3.
@@ -31,6 +41,22 @@ TEMPLATES: dict[str, tuple[tuple[float, int], ...]] = {
 def metrics_from_stats(history: dict) -> list[float]:
     """The per-step metrics of one recorded generation (``cached.stats['history'][i]``), first step excluded."""
     return [r["raw_metric"] for r in history["records"] if r["raw_metric"] is not None]
+
+
+def motions_from_stats(history: dict) -> list[tuple[int, float]]:
+    """``(step, motion)`` pairs of one recorded generation (MoReg's frame-difference ratio of the tap)."""
+    return [(r["step"], r["motion"]) for r in history["records"] if r["motion"] is not None]
+
+
+def moreg_threshold(motions: Sequence[Sequence[tuple[int, float]]], window: tuple[int, int]) -> float:
+    """The median motion inside the MoReg window: the reference's 0.385 is where ``(m / threshold) ** 8 == 1``, i.e.
+    the motion level at which MoReg neither adds nor removes compute; its value depends on the model's residual
+    features, so it is calibrated like the codebook."""
+    lo, hi = window
+    values = [m for run in motions for step, m in run if lo <= step <= hi and math.isfinite(m)]
+    if not values:
+        raise ValueError(f"no recorded motion inside the MoReg window {window}")
+    return _quantile(values, 0.5)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -106,18 +132,21 @@ def calibrate_config(
     return base.replace(codebook=codebook_from_metrics(pooled, "fast", hi))
 
 
-def record_testbed_metrics(testbed, videos, num_steps: int, progress: bool = False) -> list[list[float]]:
-    """Per-step metrics of uncached testbed generations (rate 1 at every step: the outputs are the uncached ones)."""
+def record_testbed_metrics(testbed, videos, num_steps: int, progress: bool = False):
+    """Per-step metrics and motions of uncached testbed generations (rate 1 at every step: the outputs are the
+    uncached ones). Returns ``(metric runs, motion runs)``."""
     from .runtime import optimize
     from .testbed.sample import sample
 
     recorder = optimize(testbed.transformer, RECORD_CONFIG, num_steps=num_steps)
-    runs = []
+    runs, motions = [], []
     for shape, motion, seed in videos:
         with recorder.generation(num_steps=num_steps):
             sample(recorder, testbed, [(shape, motion)], [seed], num_steps=num_steps, progress=progress)
-        runs.append(metrics_from_stats(recorder.stats["history"][-1]))
-    return runs
+        history = recorder.stats["history"][-1]
+        runs.append(metrics_from_stats(history))
+        motions.append(motions_from_stats(history))
+    return runs, motions
 
 
 # Calibration videos: every shape and motion bucket, seeds disjoint from the demo's and the benchmark's.
@@ -140,7 +169,10 @@ def _run(args) -> int:
     from .testbed import load_testbed
 
     testbed = load_testbed()
-    runs = record_testbed_metrics(testbed, CALIBRATION_VIDEOS, args.steps, progress=not args.no_progress)
+    runs, motions = record_testbed_metrics(testbed, CALIBRATION_VIDEOS, args.steps, progress=not args.no_progress)
+    window = MoRegConfig(window=(0.1, 0.9)).window_for(args.steps)
+    threshold = moreg_threshold(motions, window)
+    print(f"MoReg threshold (median motion in steps {window[0]}..{window[1]}): {threshold:.4f} (reference 0.385)")
     out = {}
     for target in args.target:
         config = calibrate_config(runs, args.steps, _parse_target(target))
@@ -157,6 +189,9 @@ def _run(args) -> int:
         "num_steps": args.steps,
         "videos": CALIBRATION_VIDEOS,
         "recorded_metrics": runs,
+        "recorded_motions": motions,
+        "moreg_window": window,
+        "moreg_threshold": threshold,
         "targets": out,
     }
     if args.out:

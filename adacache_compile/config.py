@@ -25,6 +25,7 @@ __all__ = [
     "CODEBOOK_FAST_50",
     "CODEBOOK_SLOW_50",
     "MOREG_WINDOW_50",
+    "MOREG_THRESHOLD_50",
     "MOREG_WINDOW_100",
     "MOREG_WINDOW_30",
 ]
@@ -38,11 +39,14 @@ CODEBOOK_SLOW_30: Codebook = ((0.08, 3), (0.16, 2), (0.24, 1), (0.32, 1), (0.40,
 
 # Reference MoReg windows (inclusive, 1-based steps) for the step counts the reference calibrated.
 # 50 steps (no published codebook): calibrated on the bundled testbed with `adacache-compile calibrate --steps 50`
-# (12 uncached generations, every shape x motion bucket, seeds 1000-1023; thresholds at quantiles of the recorded
+# (12 uncached generations, 3 shapes x 4 motion buckets, seeds 1000-1023; thresholds at quantiles of the recorded
 # per-step metric; see adacache_compile/calibrate.py TEMPLATES and benchmarks/results/calibration_testbed_50.json).
-CODEBOOK_FAST_50: Codebook = ((0.0508, 6), (0.0612, 5), (0.0674, 4), (0.0769, 3), (0.092, 2), (1e6, 1))
-CODEBOOK_SLOW_50: Codebook = ((0.0508, 3), (0.0674, 2), (1e6, 1))
+CODEBOOK_FAST_50: Codebook = ((0.051, 6), (0.0621, 5), (0.0718, 4), (0.0847, 3), (0.1004, 2), (1e6, 1))
+CODEBOOK_SLOW_50: Codebook = ((0.051, 3), (0.0718, 2), (1e6, 1))
 MOREG_WINDOW_50 = (5, 45)
+# MoReg's 0.385 is the motion level of the reference model's residual features at which MoReg is neutral; the
+# testbed's median motion inside the window (same calibration run) plays that role for the 50-step presets.
+MOREG_THRESHOLD_50 = 0.1985
 MOREG_WINDOW_100 = (10, 90)
 MOREG_WINDOW_30 = (4, 26)
 
@@ -324,11 +328,14 @@ def _reference_presets() -> dict[str, AdaCacheConfig]:
         ("reference-100", CODEBOOK_REFERENCE_100, MOREG_WINDOW_100),
         ("fast-30", CODEBOOK_FAST_30, MOREG_WINDOW_30),
         ("slow-30", CODEBOOK_SLOW_30, MOREG_WINDOW_30),
-        ("fast-50", CODEBOOK_FAST_50, MOREG_WINDOW_50),
-        ("slow-50", CODEBOOK_SLOW_50, MOREG_WINDOW_50),
     ):
         presets[name] = AdaCacheConfig(codebook=codebook)
         presets[f"{name}+moreg"] = AdaCacheConfig(codebook=codebook, moreg=MoRegConfig(window=window))
+    for name, codebook in (("fast-50", CODEBOOK_FAST_50), ("slow-50", CODEBOOK_SLOW_50)):
+        presets[name] = AdaCacheConfig(codebook=codebook)
+        presets[f"{name}+moreg"] = AdaCacheConfig(
+            codebook=codebook, moreg=MoRegConfig(window=MOREG_WINDOW_50, threshold=MOREG_THRESHOLD_50)
+        )
     return presets
 
 

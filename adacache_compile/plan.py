@@ -82,6 +82,7 @@ class Programs:
     skip: fx.GraphModule
     tap_shape: fx.GraphModule
     tap_dtype: torch.dtype
+    moreg_strides: tuple[int, ...]  # strides whose motion norms the full program emits (empty: none)
     num_outputs: int
     delta_names: list[str]
     skip_input_indices: list[int]  # which model inputs the skip program still reads

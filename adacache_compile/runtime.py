@@ -183,12 +183,9 @@ class CachedTransformer(torch.nn.Module):
         freely; what the programs compute (region, tap, norm order, MoReg strides) must match them, or the
         captures are dropped and rebuilt on the next call."""
         old = self.adacache_config
-        old_strides = old.moreg.strides if old.moreg is not None else ()
-        new_strides = config.moreg.strides if config.moreg is not None else ()
-        compatible = (
-            (old.region, old.tap, old.norm_ord) == (config.region, config.tap, config.norm_ord)
-            and set(new_strides) <= set(old_strides)
-            and (not new_strides or tuple(new_strides) == tuple(old_strides))
+        new_strides = tuple(config.moreg.strides) if config.moreg is not None else ()
+        compatible = (old.region, old.tap, old.norm_ord) == (config.region, config.tap, config.norm_ord) and all(
+            not new_strides or entry.programs.moreg_strides == new_strides for entry in self._entries
         )
         with self._lock:
             if not compatible:

@@ -164,7 +164,7 @@ def main(argv=None):
     if args.calibrate:
         # A random-init model has no learned trajectory, so a published codebook says little about it: record its
         # per-step metrics with a rate-1 run (the calibration tool's method) and place the thresholds on them.
-        recorder = ac.optimize(model, RECORD_CONFIG, num_steps=args.steps)
+        recorder = ac.optimize(model, RECORD_CONFIG.replace(moreg=None), num_steps=args.steps)
         recorder._entries.append(first)
         generate(recorder, latents, timesteps, kwargs, lambda: recorder.generation(args.steps))
         metrics = metrics_from_stats(recorder.stats["history"][-1])

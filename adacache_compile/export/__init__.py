@@ -635,11 +635,12 @@ def load(
     *,
     model: torch.nn.Module | None = None,
     cuda_graphs: bool = True,
+    session_options=None,
 ):
     """Load an export directory as an :class:`~adacache_compile.export.runtime.ExportedTransformer`.
 
-    ``backend``: ``"onnxruntime"`` (``providers`` as for an InferenceSession) or ``"tensorrt"`` (needs
-    :func:`build_engines` first). ``model``: also check that the export was made from this model's weights.
+    ``backend``: ``"onnxruntime"`` (``providers`` and ``session_options`` as for an InferenceSession) or
+    ``"tensorrt"`` (needs :func:`build_engines` first). ``model``: also check that the export was made from this model's weights.
     Raises ``ArtifactError`` naming the problem for a changed file, an edited or foreign manifest, an unknown
     format version or a TensorRT version other than the engines'.
     """
@@ -654,7 +655,8 @@ def load(
         from .ort_backend import OrtProgram
 
         programs = {
-            name: OrtProgram(out_dir / spec.file, providers=providers) for name, spec in manifest.programs.items()
+            name: OrtProgram(out_dir / spec.file, providers=providers, session_options=session_options)
+            for name, spec in manifest.programs.items()
         }
     else:
         from .tensorrt import load_trt_programs

@@ -27,6 +27,7 @@ __all__ = [
     "PRE_EXPORT_REWRITES",
     "apply_pre_export_rewrites",
     "cast_bool_ops_for_onnxruntime",
+    "cast_nonzero_input_to_float",
     "drop_non_unit_squeeze_dims",
     "export_program",
     "onnx_artifact_files",
@@ -105,11 +106,22 @@ def drop_non_unit_squeeze_dims(gm: torch.fx.GraphModule) -> bool:
 
 
 # ops whose onnxruntime CPU kernels have no bool type, with the argument positions that carry bool data (the
-# condition of ``where`` stays bool: onnxruntime and TensorRT take it as is).
+# condition of ``where`` and the mask of ``masked_fill`` stay bool: onnxruntime and TensorRT take them as is).
+# ``masked_fill`` is exported as a ``Where`` over its data (seen on HunyuanVideo: ``mask.masked_fill(idx, False)``).
 _BOOL_DATA_ARGS: dict = {
     _aten.where.self: (1, 2),
     _aten.where.ScalarOther: (1,),
     _aten.where.ScalarSelf: (2,),
+    _aten.masked_fill.Scalar: (0,),
+    _aten.masked_fill.Tensor: (0, 2),
+    # onnxruntime runs these on bool, but TensorRT's ScatterElements / ScatterND take no BOOL data (HunyuanVideo
+    # builds its attention mask with ``mask[i, :n] = True``, a select_scatter).
+    _aten.select_scatter.default: (0, 1),
+    _aten.slice_scatter.default: (0, 1),
+    _aten.index_put.default: (0, 2),
+    # TensorRT's Pad takes no BOOL (Mochi pads its attention mask)
+    _aten.constant_pad_nd.default: (0,),
+    _aten.pad.default: (0,),
     _aten.maximum.default: (0, 1),
     _aten.minimum.default: (0, 1),
 }
@@ -129,8 +141,9 @@ def _cast(
 
 
 def cast_bool_ops_for_onnxruntime(gm: torch.fx.GraphModule) -> bool:
-    """Ops on bool data that onnxruntime's CPU provider has no kernel for (``Where`` on bool branches, seen on
-    HunyuanVideo; ``Max``/``Min``) run on int32 stand-ins: cast the bool operands, compute, cast the result back."""
+    """Ops on bool data that onnxruntime's CPU provider has no kernel for (``Where`` on bool branches, also as
+    ``masked_fill``, seen on HunyuanVideo; ``Max``/``Min``) run on int32 stand-ins: cast the bool operands, compute,
+    cast the result back."""
     modified = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _BOOL_DATA_ARGS:
@@ -158,25 +171,59 @@ def cast_bool_ops_for_onnxruntime(gm: torch.fx.GraphModule) -> bool:
     return modified
 
 
-# Order matters only where rewrites interact; these two do not. Each is GraphModule -> bool (modified).
+# TensorRT's NonZero reads only FP32/FP16; a cast to float32 keeps every non-zero bool or integer non-zero.
+_NONZERO_STAND_IN = torch.float32
+_NONZERO_OPS = (_aten.nonzero.default, _aten.nonzero_static.default)
+
+
+def cast_nonzero_input_to_float(gm: torch.fx.GraphModule) -> bool:
+    """``nonzero`` on a bool or integer tensor (Mochi: the indices of a prompt's valid tokens) exports as an ONNX
+    ``NonZero`` that TensorRT's parser rejects for those types; cast its input to float32 first."""
+    modified = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _NONZERO_OPS:
+            continue
+        source = node.args[0]
+        meta = _tensor_meta(source) if isinstance(source, torch.fx.Node) else None
+        if meta is None or meta[0].is_floating_point:
+            continue
+        with gm.graph.inserting_before(node):
+            node.replace_input_with(source, _cast(gm, source, _NONZERO_STAND_IN, meta_from=source))
+        logger.debug("cast_nonzero_input_to_float: %s reads %s as %s", node.name, meta[0], _NONZERO_STAND_IN)
+        modified = True
+    if modified:
+        _clean_up(gm)
+    return modified
+
+
+# Order matters only where rewrites interact; these do not. Each is GraphModule -> bool (modified).
 PRE_EXPORT_REWRITES: list[Callable[[torch.fx.GraphModule], bool]] = [
     drop_non_unit_squeeze_dims,
     cast_bool_ops_for_onnxruntime,
+    cast_nonzero_input_to_float,
 ]
 
 
 def _ensure_tensor_meta(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Rewrites read dtypes/shapes from ``node.meta``; graphs not produced by torch.export (symbolic_trace, or nodes a
-    pass added without meta) get them from a fake-tensor run, which costs no compute or memory."""
+    pass added without meta) get them from a fake-tensor run, which costs no compute or memory. A graph with an op
+    whose output shape depends on data (``nonzero``, seen on Mochi) cannot run on fake tensors without a ShapeEnv;
+    it gets its meta from one real run on the example inputs instead."""
     missing = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function") and _tensor_meta(n) is None]
     if not missing:
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch.fx.passes.shape_prop import ShapeProp
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [fake_mode.from_tensor(t) for t in example_inputs]
-    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+    try:
+        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+    except DynamicOutputShapeException as e:
+        logger.debug("_ensure_tensor_meta: fake run failed (%s); propagating shapes with the example inputs", e)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
 
 
 def apply_pre_export_rewrites(

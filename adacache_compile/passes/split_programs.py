@@ -24,6 +24,7 @@ __all__ = ["split_programs", "adacache_metrics"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
+DEFAULT_MOREG_STRIDES = (1,)
 
 
 def adacache_metrics(
@@ -67,6 +68,7 @@ def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
         skip=skip,
         tap_shape=_build_tap_shape(gm, plan),
         tap_dtype=plan.tap_node.meta["val"].dtype,
+        moreg_strides=_moreg_strides(plan),
         num_outputs=num_outputs,
         delta_names=[f"delta_{s.name}" for s in plan.streams],
         skip_input_indices=[i for i, n in enumerate(_placeholders(skip)[: len(_placeholders(gm))]) if n.users],
@@ -78,6 +80,13 @@ def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
         sum(n.op == "call_function" for n in skip.graph.nodes),
     )
     return PassResult(gm, True)
+
+
+def _moreg_strides(plan: CachePlan) -> tuple[int, ...]:
+    moreg = getattr(plan.config, "moreg", None)
+    strides = tuple(moreg.strides) if moreg is not None else DEFAULT_MOREG_STRIDES
+    layout = plan.moreg_layout
+    return strides if layout is not None and all(k < layout.frames for k in strides) else ()
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -150,11 +159,12 @@ def _build_full(gm: fx.GraphModule, plan: CachePlan) -> fx.GraphModule:
     moreg = getattr(plan.config, "moreg", None)
     if moreg is not None and layout is None:
         raise PassError(f"MoReg is on but the tap's frame layout is unknown: {plan.moreg_layout_error}")
-    use_moreg = moreg is not None
-    if use_moreg:
-        bad = [k for k in moreg.strides if k >= layout.frames]
-        if bad:
-            raise ValueError(f"MoRegConfig.strides {bad} must be < the tap's {layout.frames} frames")
+    # The motion norms cost one pass over the tap: compute them whenever the layout is known, so switching MoReg on
+    # or off (same strides) needs no new capture.
+    strides = tuple(moreg.strides) if moreg is not None else DEFAULT_MOREG_STRIDES
+    use_moreg = layout is not None and all(k < layout.frames for k in strides)
+    if moreg is not None and not use_moreg:
+        raise ValueError(f"MoRegConfig.strides {list(strides)} must be < the tap's {layout.frames} frames")
     view_shape = _moreg_view(graph, layout, tap, env, placeholders) if use_moreg else None
     metrics = graph.call_function(
         adacache_metrics,
@@ -165,7 +175,7 @@ def _build_full(gm: fx.GraphModule, plan: CachePlan) -> fx.GraphModule:
             int(getattr(plan.config, "norm_ord", 1)),
             view_shape,
             layout.frame_axis if use_moreg else 0,
-            tuple(moreg.strides) if use_moreg else (),
+            strides if use_moreg else (),
         ),
     )
     outputs = [env[o] if isinstance(o, fx.Node) else o for o in gm.graph.output_node().args[0]]

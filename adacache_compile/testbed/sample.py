@@ -124,6 +124,6 @@ def side_by_side_png(rows: Mapping[str, torch.Tensor], path, upscale: int = 6, g
         axis.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # keeps the long row labels inside the image
     plt.close(fig)
     return path

@@ -1,0 +1,104 @@
+"""The same AdaCache schedule through the torch runtime and through the onnxruntime runtime of its export.
+
+Usage: python benchmarks/ort_speed.py [--steps 50] [--repeats 3] [--threads 1] [--out-dir DIR]
+
+On the bundled testbed: one 50-step generation (``testbed.sample.sample``) per repeat, cached (preset ``fast-50``)
+and uncached (the same config with a codebook whose only rate is 1, so every step runs the full program; the loaded
+runtime switches to it with ``use_config``), on each backend. Prints the median seconds, each backend's speedup
+(uncached / cached), the ratio of the onnxruntime speedup to the torch speedup (target >= 0.95), whether both
+backends computed the same steps and the max abs difference of their final videos (target <= 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adacache_compile import AdaCacheConfig, optimize
+from adacache_compile.export import load, to_onnx
+from adacache_compile.testbed import load_testbed
+from adacache_compile.testbed.sample import sample
+
+LABELS = [("disc", 2)]
+SEEDS = [7]
+
+
+def generate(module, testbed, num_steps: int) -> tuple[torch.Tensor, list[int], float]:
+    start = time.perf_counter()
+    with module.generation(num_steps=num_steps):
+        video = sample(module, testbed, LABELS, SEEDS, num_steps=num_steps, progress=False)
+    seconds = time.perf_counter() - start
+    return video, list(module.stats["history"][-1]["computed_steps"]), seconds
+
+
+def measure(module, testbed, config: AdaCacheConfig, num_steps: int, repeats: int) -> dict:
+    module.use_config(config)
+    runs = [generate(module, testbed, num_steps) for _ in range(repeats)]
+    video, computed, _ = runs[-1]
+    return {"seconds": statistics.median(r[2] for r in runs), "video": video, "computed": computed}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--out-dir", type=Path, default=None, help="keep the export here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+
+    testbed = load_testbed()
+    cached_config = AdaCacheConfig.preset(f"fast-{args.steps}")
+    uncached_config = dataclasses.replace(cached_config, codebook=((1e9, 1),))
+    module = optimize(testbed.transformer, cached_config)
+    # One generation captures the programs with the sampler's own call (batch 2: conditional + unconditional).
+    generate(module, testbed, args.steps)
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = to_onnx(module, (args.out_dir or Path(scratch)) / "testbed")
+        exported = load(out_dir, "onnxruntime", providers=["CPUExecutionProvider"], session_options=options)
+        results = {}
+        for backend, runtime in (("torch", module), ("onnxruntime", exported)):
+            for name, config in (("cached", cached_config), ("uncached", uncached_config)):
+                print(f"{backend} {name} ...", file=sys.stderr, flush=True)
+                results[backend, name] = measure(runtime, testbed, config, args.steps, args.repeats)
+
+    speedup = {b: results[b, "uncached"]["seconds"] / results[b, "cached"]["seconds"] for b in ("torch", "onnxruntime")}
+    print(f"testbed, {args.steps} steps, preset fast-{args.steps}, threads={args.threads}, median of {args.repeats}")
+    print()
+    print("| backend | uncached s | cached s | computed steps | speedup |")
+    print("|---|---|---|---|---|")
+    for backend in ("torch", "onnxruntime"):
+        cached, uncached = results[backend, "cached"], results[backend, "uncached"]
+        print(
+            f"| {backend} | {uncached['seconds']:.2f} | {cached['seconds']:.2f} | "
+            f"{len(cached['computed'])}/{args.steps} | {speedup[backend]:.2f}x |"
+        )
+    print()
+    same_steps = results["torch", "cached"]["computed"] == results["onnxruntime", "cached"]["computed"]
+    video_diff = {
+        name: float((results["torch", name]["video"] - results["onnxruntime", name]["video"]).abs().max())
+        for name in ("cached", "uncached")
+    }
+    print(f"onnxruntime speedup / torch speedup = {speedup['onnxruntime'] / speedup['torch']:.3f} (target >= 0.95)")
+    print(f"computed steps identical: {same_steps} ({results['torch', 'cached']['computed']})")
+    print(
+        f"final video max abs diff torch vs onnxruntime: cached {video_diff['cached']:.2e}, "
+        f"uncached {video_diff['uncached']:.2e} (target <= 1e-4)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

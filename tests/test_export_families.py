@@ -1,0 +1,113 @@
+"""to_onnx on the families test_export_integration.py does not cover: onnxruntime parity of the exported full and skip
+programs with the torch programs, computed here from the files, and the TensorRT readiness check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("diffusers")
+
+from adacache_compile import AdaCacheConfig, optimize  # noqa: E402
+from adacache_compile.export import read_export_manifest, to_onnx  # noqa: E402
+from adacache_compile.export.onnx_export import export_program  # noqa: E402
+from adacache_compile.export.ort_backend import OrtProgram  # noqa: E402
+from adacache_compile.export.trt_check import check_onnx_for_tensorrt, format_findings  # noqa: E402
+from adacache_compile.testbed.tiny_models import build  # noqa: E402
+
+# Every axis the capture finds dynamic, except where noted.
+DYNAMIC: dict[str, bool | list[str]] = {
+    "tiny-dit": True,
+    "cogvideox": True,
+    "ltx": True,
+    "hunyuan": True,
+    "mochi": True,
+    "allegro": True,
+}
+
+# The warning-severity TensorRT findings each family's full + skip programs carry (none has an error):
+EXPECTED_WARNING_OPS: dict[str, set[str]] = {
+    "tiny-dit": set(),
+    "cogvideox": set(),
+    "ltx": set(),
+    "hunyuan": set(),
+    "mochi": set(),
+    "allegro": set(),
+}
+
+FAMILIES = list(DYNAMIC)
+
+
+class BoolMaskOps(torch.nn.Module):
+    """The bool-mask ops HunyuanVideo (masked_fill, select_scatter) and Mochi (constant_pad_nd, nonzero) export."""
+
+    def forward(self, mask, index_mask):
+        filled = mask.masked_fill(index_mask, False)
+        scattered = torch.select_scatter(filled, torch.ones_like(filled[:, 0]), 1, 0)
+        padded = torch.nn.functional.pad(scattered, (0, 2), value=True)
+        return padded, torch.nonzero(padded[0])
+
+
+def test_bool_mask_rewrites_run_in_onnxruntime_and_pass_the_tensorrt_check(tmp_path):
+    inputs = (torch.rand(2, 5) > 0.5, torch.rand(2, 5) > 0.5)
+    program = torch.export.export(BoolMaskOps(), inputs, strict=False).module()
+    graph_module = torch.fx.GraphModule(program, program.graph)
+    path = export_program(
+        graph_module,
+        inputs,
+        tmp_path / "mask.onnx",
+        input_names=["mask", "index_mask"],
+        output_names=["padded", "indices"],
+        dynamic_axes=None,
+    )
+    findings = check_onnx_for_tensorrt(path)
+    assert not [f for f in findings if f.severity == "error"], format_findings(findings)
+    assert {f.op_type for f in findings} == {"NonZero"}  # slow (data-dependent shape), not rejected
+    for actual, expected in zip(OrtProgram(path, providers=["CPUExecutionProvider"])(*inputs), BoolMaskOps()(*inputs)):
+        assert torch.equal(actual, expected)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request, tmp_path_factory):
+    family = request.param
+    model, kwargs = build(family)
+    if family != "tiny-dit":
+        kwargs = dict(kwargs, return_dict=False)
+    cached = optimize(model, AdaCacheConfig.preset("fast-50"), example_inputs=kwargs)
+    out_dir = to_onnx(cached, tmp_path_factory.mktemp(family) / "export", dynamic=DYNAMIC[family])
+    return family, cached, out_dir
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+def test_batch_axis_is_dynamic(exported):
+    _, _, out_dir = exported
+    assert "batch" in read_export_manifest(out_dir).profile_ranges
+
+
+def test_onnxruntime_parity_of_full_and_skip(exported):
+    _, cached, out_dir = exported
+    programs = cached.plan.programs
+    inputs = list(cached.plan.example_inputs)
+    tap_prev = torch.randn(programs.tap_shape(*inputs), dtype=programs.tap_dtype)
+    with torch.no_grad():
+        expected_full = programs.full(*inputs, tap_prev)
+        deltas = expected_full[programs.num_outputs : -2]
+        expected_skip = programs.skip(*inputs, *deltas)
+    actual_full = OrtProgram(out_dir / "full.onnx", providers=["CPUExecutionProvider"])(*inputs, tap_prev)
+    actual_skip = OrtProgram(out_dir / "skip.onnx", providers=["CPUExecutionProvider"])(*inputs, *deltas)
+    assert len(actual_full) == len(expected_full) and len(actual_skip) == len(expected_skip)
+    for actual, expected in zip(actual_full + actual_skip, tuple(expected_full) + tuple(expected_skip)):
+        assert actual.shape == expected.shape
+        assert _relative_error(actual, expected) <= 1e-5
+
+
+def test_tensorrt_check_finds_no_errors_and_the_documented_warnings(exported):
+    family, _, out_dir = exported
+    findings = check_onnx_for_tensorrt(out_dir / "full.onnx") + check_onnx_for_tensorrt(out_dir / "skip.onnx")
+    assert not [f for f in findings if f.severity == "error"], format_findings(findings)
+    assert {f.op_type for f in findings if f.severity == "warning"} == EXPECTED_WARNING_OPS[family]
