@@ -315,6 +315,7 @@ def _runtime_section(cached, entry, tap_shape_formula) -> dict[str, Any]:
         "num_outputs": programs.num_outputs,
         "delta_names": list(programs.delta_names),
         "tap_dtype": str(programs.tap_dtype).removeprefix("torch."),
+        "moreg_strides": list(programs.moreg_strides),
         "tap_shape": tap_shape_formula,
         "blocks": list(plan.blocks),
         "region": list(plan.region),

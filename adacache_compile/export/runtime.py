@@ -173,6 +173,7 @@ def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> Compi
                 skip=programs["skip"],
                 tap_shape=TapShape(runtime["tap_shape"]),
                 tap_dtype=_dtype(runtime["tap_dtype"], where),
+                moreg_strides=tuple(runtime["moreg_strides"]),
                 num_outputs=int(runtime["num_outputs"]),
                 delta_names=list(runtime["delta_names"]),
                 skip_input_indices=list(range(len(input_specs))),

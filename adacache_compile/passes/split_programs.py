@@ -195,7 +195,17 @@ def _moreg_view(graph: fx.Graph, layout, tap: fx.Node, env: dict, placeholders: 
         if layout.patch_t > 1:
             frames = graph.call_function(operator.floordiv, (frames + layout.patch_t - 1, layout.patch_t))
     else:
-        batch, frames = -1, layout.frames
+        # No input carries the frames (LTX takes packed tokens): T and S are the captured ones, and the batch is
+        # what the tap holds beyond them (every reading has A * N == B * T * S), as the view may also hold a -1.
+        frames = layout.frames
+        rows = graph.call_function(aten.sym_size.int, (tap, 0))
+        batch = graph.call_function(
+            operator.floordiv,
+            (
+                graph.call_function(operator.mul, (rows, graph.call_function(aten.sym_size.int, (tap, 1)))),
+                frames * layout.tokens_per_frame,
+            ),
+        )
     tokens = graph.call_function(aten.sym_size.int, (tap, 1))
     values = {"B": batch, "T": frames, "N": tokens, "-1": -1, "C": channels}
     return tuple(values[k] for k in layout.view)
