@@ -17,27 +17,30 @@ from adacache_compile.export.ort_backend import OrtProgram  # noqa: E402
 from adacache_compile.export.trt_check import check_onnx_for_tensorrt, format_findings  # noqa: E402
 from adacache_compile.testbed.tiny_models import build  # noqa: E402
 
-# Every axis the capture finds dynamic, except where noted.
-DYNAMIC: dict[str, bool | list[str]] = {
-    "tiny-dit": True,
-    "cogvideox": True,
-    "ltx": True,
-    "hunyuan": True,
-    "mochi": True,
-    "allegro": True,
-}
+# Every family exports with every axis the capture found dynamic (dynamic=True); none needs to_onnx's batch-only
+# retry (Latte, exported in test_export_integration.py, does). Mochi's batch is static: its attention processor loops
+# over the samples (a per-sample ``nonzero`` of the prompt mask), so torch.export specialises it.
+DYNAMIC_BATCH = {"tiny-dit": True, "cogvideox": True, "ltx": True, "hunyuan": True, "mochi": False, "allegro": True}
 
-# The warning-severity TensorRT findings each family's full + skip programs carry (none has an error):
+# The warning-severity TensorRT findings of each family's full + skip programs (no family has an error): Mochi's
+# NonZero (data-dependent output shape: a device->host sync, no CUDA graph). None of these six emits ScatterND (Wan
+# does).
 EXPECTED_WARNING_OPS: dict[str, set[str]] = {
     "tiny-dit": set(),
     "cogvideox": set(),
     "ltx": set(),
     "hunyuan": set(),
-    "mochi": set(),
+    "mochi": {"NonZero"},
     "allegro": set(),
 }
 
-FAMILIES = list(DYNAMIC)
+RTOL = 1e-5
+# A cached residual is ``out - in`` of the block region: cancellation makes its error relative to its own (small)
+# magnitude larger than the streams'. HunyuanVideo's hidden-stream delta: 1.3e-5 of max|delta| (3e-6 absolute, while
+# the model output is within 2.5e-6). The skip program's output, built from the deltas, is held to RTOL.
+DELTA_RTOL = 2e-5
+
+FAMILIES = list(DYNAMIC_BATCH)
 
 
 class BoolMaskOps(torch.nn.Module):
@@ -76,7 +79,7 @@ def exported(request, tmp_path_factory):
     if family != "tiny-dit":
         kwargs = dict(kwargs, return_dict=False)
     cached = optimize(model, AdaCacheConfig.preset("fast-50"), example_inputs=kwargs)
-    out_dir = to_onnx(cached, tmp_path_factory.mktemp(family) / "export", dynamic=DYNAMIC[family])
+    out_dir = to_onnx(cached, tmp_path_factory.mktemp(family) / "export", dynamic=True)
     return family, cached, out_dir
 
 
@@ -84,9 +87,9 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-def test_batch_axis_is_dynamic(exported):
-    _, _, out_dir = exported
-    assert "batch" in read_export_manifest(out_dir).profile_ranges
+def test_batch_axis_is_dynamic_where_the_model_allows(exported):
+    family, _, out_dir = exported
+    assert ("batch" in read_export_manifest(out_dir).profile_ranges) == DYNAMIC_BATCH[family]
 
 
 def test_onnxruntime_parity_of_full_and_skip(exported):
@@ -101,9 +104,14 @@ def test_onnxruntime_parity_of_full_and_skip(exported):
     actual_full = OrtProgram(out_dir / "full.onnx", providers=["CPUExecutionProvider"])(*inputs, tap_prev)
     actual_skip = OrtProgram(out_dir / "skip.onnx", providers=["CPUExecutionProvider"])(*inputs, *deltas)
     assert len(actual_full) == len(expected_full) and len(actual_skip) == len(expected_skip)
-    for actual, expected in zip(actual_full + actual_skip, tuple(expected_full) + tuple(expected_skip)):
+    delta_slice = slice(programs.num_outputs, len(expected_full) - 2)
+    tolerances = [RTOL] * len(expected_full)
+    tolerances[delta_slice] = [DELTA_RTOL] * len(deltas)
+    for actual, expected, rtol in zip(
+        actual_full + actual_skip, tuple(expected_full) + tuple(expected_skip), tolerances + [RTOL] * len(expected_skip)
+    ):
         assert actual.shape == expected.shape
-        assert _relative_error(actual, expected) <= 1e-5
+        assert _relative_error(actual, expected) <= rtol
 
 
 def test_tensorrt_check_finds_no_errors_and_the_documented_warnings(exported):
