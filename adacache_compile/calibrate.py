@@ -105,11 +105,13 @@ def calibrate_config(
     num_steps: int,
     target: str | float = "fast",
     base: AdaCacheConfig | None = None,
+    template: str = "fast",
 ) -> AdaCacheConfig:
     """A config whose codebook comes from recorded runs (each a list of per-step metrics, steps 2..N).
 
-    ``target`` is a template name (``"fast"``, ``"slow"``) or a fraction of steps to compute (e.g. ``0.4``): the fast
-    template's thresholds are then scaled (bisection on a log scale) until the simulated mean fraction is closest.
+    ``target`` is a template name (``"fast"``, ``"slow"``) or a fraction of steps to compute (e.g. ``0.4``): the
+    thresholds of ``template`` are then scaled (bisection on a log scale) until the simulated mean fraction is
+    closest.
     """
     base = base or AdaCacheConfig(codebook=((1.0, 1),))
     pooled = [m for run in runs for m in run]
@@ -119,7 +121,7 @@ def calibrate_config(
         raise ValueError(f"target compute fraction {target}: expected a number in (0, 1]")
 
     def fraction(scale: float) -> float:
-        config = base.replace(codebook=codebook_from_metrics(pooled, "fast", scale))
+        config = base.replace(codebook=codebook_from_metrics(pooled, template, scale))
         return sum(len(simulate(config, run, num_steps)) for run in runs) / (len(runs) * num_steps)
 
     lo, hi = 1e-3, 1e3  # larger scale -> larger thresholds -> higher rates -> fewer computed steps
@@ -129,7 +131,7 @@ def calibrate_config(
             lo = mid
         else:
             hi = mid
-    return base.replace(codebook=codebook_from_metrics(pooled, "fast", hi))
+    return base.replace(codebook=codebook_from_metrics(pooled, template, hi))
 
 
 def record_testbed_metrics(testbed, videos, num_steps: int, progress: bool = False):
@@ -175,7 +177,7 @@ def _run(args) -> int:
     print(f"MoReg threshold (median motion in steps {window[0]}..{window[1]}): {threshold:.4f} (reference 0.385)")
     out = {}
     for target in args.target:
-        config = calibrate_config(runs, args.steps, _parse_target(target))
+        config = calibrate_config(runs, args.steps, _parse_target(target), template=args.template)
         fractions = [len(simulate(config, run, args.steps)) / args.steps for run in runs]
         out[target] = {
             "config": config.to_dict(),
@@ -206,6 +208,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--target", nargs="+", default=["fast", "slow"], help="fast, slow, or a compute fraction")
+    parser.add_argument(
+        "--template", default="fast", choices=sorted(TEMPLATES), help="codebook shape scaled to a compute fraction"
+    )
     parser.add_argument("--out", help="write the configs and the recorded metrics as JSON")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=_run)

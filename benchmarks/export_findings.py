@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from adacache_compile import AdaCacheConfig, optimize
-from adacache_compile.export import read_export_manifest, to_onnx
+from adacache_compile.export import program_examples, read_export_manifest, to_onnx
 from adacache_compile.export.ort_backend import OrtProgram
 from adacache_compile.export.trt_check import check_onnx_for_tensorrt
 from adacache_compile.testbed.tiny_models import FAMILIES, build
@@ -53,15 +53,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def onnxruntime_parity(cached, out_dir: Path) -> float:
     """Max relative error of the exported full and skip programs against the torch programs, every output."""
-    programs = cached.plan.programs
-    inputs = list(cached.plan.example_inputs)
-    tap_prev = torch.randn(programs.tap_shape(*inputs), dtype=programs.tap_dtype)
-    with torch.no_grad():
-        expected_full = programs.full(*inputs, tap_prev)
-        deltas = expected_full[programs.num_outputs : -2]
-        expected_skip = programs.skip(*inputs, *deltas)
-    actual_full = OrtProgram(out_dir / "full.onnx")(*inputs, tap_prev)
-    actual_skip = OrtProgram(out_dir / "skip.onnx")(*inputs, *deltas)
+    examples, expected = program_examples(cached.plan.programs, cached.plan.example_inputs)
+    expected_full, expected_skip = expected["full"], expected["skip"]
+    actual_full = OrtProgram(out_dir / "full.onnx")(*examples["full"])
+    actual_skip = OrtProgram(out_dir / "skip.onnx")(*examples["skip"])
     pairs = list(zip(actual_full, expected_full)) + list(zip(actual_skip, expected_skip))
     if len(pairs) != len(expected_full) + len(expected_skip):
         raise AssertionError("onnxruntime returned a different number of outputs than torch")

@@ -17,7 +17,6 @@ from diffusers import (  # noqa: E402
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
     WanPipeline,
-    WanTransformer3DModel,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: E402
@@ -225,18 +224,7 @@ def test_apply_remove_round_trip_restores_originals():
 
 def test_apply_covers_transformer_2_and_keeps_an_own_set_timesteps():
     pipe = tiny_wan_pipeline(FlowMatchEulerDiscreteScheduler(shift=3.0))
-    second = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
+    second = tiny_model("wan", seed=1)
     object.__setattr__(pipe, "transformer_2", second)
     scheduler = pipe.scheduler
     calls = []

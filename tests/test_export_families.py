@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 
 from adacache_compile import AdaCacheConfig, optimize  # noqa: E402
-from adacache_compile.export import read_export_manifest, to_onnx  # noqa: E402
+from adacache_compile.export import program_examples, read_export_manifest, to_onnx  # noqa: E402
 from adacache_compile.export.onnx_export import export_program  # noqa: E402
 from adacache_compile.export.ort_backend import OrtProgram  # noqa: E402
 from adacache_compile.export.trt_check import check_onnx_for_tensorrt, format_findings  # noqa: E402
@@ -94,19 +94,14 @@ def test_batch_axis_is_dynamic_where_the_model_allows(exported):
 
 def test_onnxruntime_parity_of_full_and_skip(exported):
     _, cached, out_dir = exported
-    programs = cached.plan.programs
-    inputs = list(cached.plan.example_inputs)
-    tap_prev = torch.randn(programs.tap_shape(*inputs), dtype=programs.tap_dtype)
-    with torch.no_grad():
-        expected_full = programs.full(*inputs, tap_prev)
-        deltas = expected_full[programs.num_outputs : -2]
-        expected_skip = programs.skip(*inputs, *deltas)
-    actual_full = OrtProgram(out_dir / "full.onnx", providers=["CPUExecutionProvider"])(*inputs, tap_prev)
-    actual_skip = OrtProgram(out_dir / "skip.onnx", providers=["CPUExecutionProvider"])(*inputs, *deltas)
+    examples, expected = program_examples(cached.plan.programs, cached.plan.example_inputs)
+    expected_full, expected_skip = expected["full"], expected["skip"]
+    actual_full = OrtProgram(out_dir / "full.onnx", providers=["CPUExecutionProvider"])(*examples["full"])
+    actual_skip = OrtProgram(out_dir / "skip.onnx", providers=["CPUExecutionProvider"])(*examples["skip"])
     assert len(actual_full) == len(expected_full) and len(actual_skip) == len(expected_skip)
-    delta_slice = slice(programs.num_outputs, len(expected_full) - 2)
+    delta_slice = slice(cached.plan.programs.num_outputs, len(expected_full) - 2)
     tolerances = [RTOL] * len(expected_full)
-    tolerances[delta_slice] = [DELTA_RTOL] * len(deltas)
+    tolerances[delta_slice] = [DELTA_RTOL] * len(range(len(expected_full))[delta_slice])
     for actual, expected, rtol in zip(
         actual_full + actual_skip, tuple(expected_full) + tuple(expected_skip), tolerances + [RTOL] * len(expected_skip)
     ):

@@ -20,7 +20,7 @@ from adacache_compile import AdaCacheConfig, optimize  # noqa: E402
 from adacache_compile import export as export_module  # noqa: E402
 from adacache_compile.cli import build_model, main  # noqa: E402
 from adacache_compile.errors import ArtifactError, InputMismatchError  # noqa: E402
-from adacache_compile.export import load, onnx_export, to_onnx  # noqa: E402
+from adacache_compile.export import load, onnx_export, program_examples, to_onnx  # noqa: E402
 from adacache_compile.export.ort_backend import OrtProgram  # noqa: E402
 
 NUM_STEPS = 12
@@ -72,15 +72,10 @@ def test_manifest_names_axes_and_runtime_section(latte):
 
 def test_onnxruntime_parity_of_full_and_skip(exported):
     cached, _, out_dir = exported
-    programs = cached.plan.programs
-    inputs = list(cached.plan.example_inputs)
-    tap_prev = torch.randn(programs.tap_shape(*inputs), dtype=programs.tap_dtype)
-    with torch.no_grad():
-        expected_full = programs.full(*inputs, tap_prev)
-        deltas = expected_full[programs.num_outputs : -2]
-        expected_skip = programs.skip(*inputs, *deltas)
-    actual_full = OrtProgram(out_dir / "full.onnx")(*inputs, tap_prev)
-    actual_skip = OrtProgram(out_dir / "skip.onnx")(*inputs, *deltas)
+    examples, expected = program_examples(cached.plan.programs, cached.plan.example_inputs)
+    expected_full, expected_skip = expected["full"], expected["skip"]
+    actual_full = OrtProgram(out_dir / "full.onnx")(*examples["full"])
+    actual_skip = OrtProgram(out_dir / "skip.onnx")(*examples["skip"])
     assert len(actual_full) == len(expected_full) and len(actual_skip) == len(expected_skip)
     for actual, expected in zip(actual_full + actual_skip, tuple(expected_full) + tuple(expected_skip)):
         assert actual.shape == expected.shape

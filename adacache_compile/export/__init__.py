@@ -24,7 +24,6 @@ when complete, so an interrupted export leaves the previous artifacts loadable.
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 import os
@@ -51,6 +50,7 @@ from .manifest import (
     hash_artifacts,
     library_versions,
     model_fingerprint,
+    read_manifest,
     verify_artifacts,
     write_manifest,
 )
@@ -86,15 +86,7 @@ class ExportManifest(Manifest):
 
 def read_export_manifest(out_dir: str | os.PathLike) -> ExportManifest:
     path = Path(out_dir) / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ArtifactError(f"{path}: missing; is {out_dir} an adacache-compile export directory?") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    manifest = ExportManifest.from_dict(data, source=str(path))
+    manifest = read_manifest(out_dir, ExportManifest)
     if not isinstance(manifest.runtime, dict) or not manifest.runtime:
         raise ArtifactError(f"{path}: malformed manifest: no 'runtime' section (not written by to_onnx?)")
     return manifest
@@ -433,12 +425,9 @@ def to_onnx(
     fingerprint = model_fingerprint(cached._orig_mod)
 
     example = list(plan.example_inputs)
-    tap_shape = programs.tap_shape(*example)
-    tap_prev = torch.randn(tap_shape, dtype=programs.tap_dtype, device=example[0].device)
-    with torch.no_grad():
-        full_results = programs.full(*example, tap_prev)
-    deltas = list(full_results[programs.num_outputs : -2])
-    examples = {"full": example + [tap_prev], "skip": example + deltas}
+    examples, expected = program_examples(programs, example)
+    full_results = expected["full"]
+    tap_prev, deltas = examples["full"][-1], examples["skip"][len(example) :]
 
     tap_node = next(n for n in programs.full.graph.nodes if n.op == "placeholder" and n.name == "tap_prev")
     skip_placeholders = [n for n in programs.skip.graph.nodes if n.op == "placeholder"]
@@ -608,6 +597,18 @@ def build_engines(
 
 
 # --- load ------------------------------------------------------------------------------------------------------------
+def program_examples(programs, example_inputs) -> tuple[dict[str, list], dict[str, tuple]]:
+    """Inputs and torch outputs of both programs for one call: ``full`` gets a random ``tap_prev`` (so the metric
+    norms are not trivially zero), ``skip`` the deltas that ``full`` emitted."""
+    example = list(example_inputs)
+    tap_prev = torch.randn(programs.tap_shape(*example), dtype=programs.tap_dtype, device=example[0].device)
+    with torch.no_grad():
+        full = tuple(programs.full(*example, tap_prev))
+        deltas = list(full[programs.num_outputs : -2])
+        skip = tuple(programs.skip(*example, *deltas))
+    return {"full": example + [tap_prev], "skip": example + deltas}, {"full": full, "skip": skip}
+
+
 def verify_export(out_dir: str | os.PathLike, manifest: ExportManifest, *, model: torch.nn.Module | None = None):
     """Refuse (``ArtifactError``) a directory whose files, model fingerprint or library versions do not match."""
     out_dir = Path(out_dir)

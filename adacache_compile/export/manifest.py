@@ -192,7 +192,8 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return atomic_write_text(Path(out_dir) / MANIFEST_NAME, manifest.to_json())
 
 
-def read_manifest(out_dir: str | os.PathLike) -> Manifest:
+def read_manifest(out_dir: str | os.PathLike, cls: type[Manifest] | None = None) -> Manifest:
+    """The manifest of ``out_dir`` as ``cls`` (a :class:`Manifest` subclass; default ``Manifest``), or ArtifactError."""
     path = Path(out_dir) / MANIFEST_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -202,7 +203,7 @@ def read_manifest(out_dir: str | os.PathLike) -> Manifest:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return Manifest.from_dict(data, source=str(path))
+    return (cls or Manifest).from_dict(data, source=str(path))
 
 
 def verify_artifacts(
