@@ -61,6 +61,7 @@ class Session:
     input_key: tuple | None = None
     last_timestep: float | None = None
     last_step_index: int | None = None
+    pipeline_num_steps: int | None = None  # N the pipeline announced (cache_context), when it differs from num_steps
     force_next: bool = False
     events: list[str] = field(default_factory=list)
     nonfinite_steps: list[int] = field(default_factory=list)
@@ -312,11 +313,16 @@ class CachedTransformer(torch.nn.Module):
                     or session is None
                     or ctx.step_index == 0
                     or (session.last_step_index is not None and ctx.step_index <= session.last_step_index)
-                    or (n is not None and session.num_steps != n)
+                    or (n is not None and session.pipeline_num_steps != n)
                 ):
                     if session is not None:
                         self._retire(name, session)
-                    session = self._sessions[name] = self._new_session(name, n)
+                    # A model that joins mid-loop (Wan 2.2's low-noise transformer_2 from the boundary step on) runs
+                    # the remaining n - step_index steps: its schedule ends, with the forced last steps, where the
+                    # pipeline's does.
+                    remaining = n - ctx.step_index if n is not None and 0 < ctx.step_index < n else n
+                    session = self._sessions[name] = self._new_session(name, remaining)
+                    session.pipeline_num_steps = n
                 session.last_step_index = ctx.step_index
                 return session
             timestep = _timestep_of(args, kwargs)

@@ -297,3 +297,21 @@ def test_full_program_matches_model_and_skips_differ(cached, model):
         torch.testing.assert_close(got[step], want[step], rtol=0, atol=1e-5 * scale)
     # Step 3 is skipped: the cached residuals of step 2 stand in, so it differs from the model.
     assert not torch.allclose(got[2], want[2], rtol=0, atol=1e-5 * scale)
+
+
+def test_model_joining_mid_loop_keeps_the_forced_last_steps(cached):
+    """Wan 2.2 hands the low-noise steps to transformer_2 from a boundary step on, with the pipeline's N: the
+    session covers the remaining steps, so the last two pipeline steps are still computed in full."""
+    latents, prompt = make_inputs(11)
+    cached._reset_stateful_cache()
+    steps = iter(range(4, 12))
+
+    def call(kwargs):
+        with cached.cache_context("cond", step_index=next(steps), num_inference_steps=12):
+            return cached(**kwargs)
+
+    denoise(call, latents, prompt, torch.linspace(999.0, 1.0, 12).tolist()[4:12])
+    live = cached.stats["cond"]
+    cached._reset_stateful_cache()
+    assert live["num_steps"] == 8 and live["steps_run"] == 8
+    assert live["computed_steps"][-2:] == [7, 8] and live["skipped_steps"]
