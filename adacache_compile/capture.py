@@ -106,13 +106,6 @@ class Captured:
             spec.check(tensor)
         return tensors
 
-    def matches(self, args: tuple, kwargs: dict) -> bool:
-        try:
-            self.flatten(args, kwargs)
-        except InputMismatchError:
-            return False
-        return True
-
     def unflatten(self, outputs) -> Any:
         return pytree.tree_unflatten(list(outputs), self.out_spec)
 
@@ -163,17 +156,34 @@ def _describe_difference(want: CallSignature, got: CallSignature) -> str:
     return "; ".join(diffs) or "tensor leaves differ"
 
 
+def _leaf_paths(spec: pytree.TreeSpec, num_leaves: int) -> list[tuple[str, ...]] | None:
+    """The key path of each flat leaf of ``spec`` as strings; None when a node was registered without key paths
+    (diffusers' ``BaseOutput``)."""
+    dummy = pytree.tree_unflatten(list(range(num_leaves)), spec)
+    try:
+        with_paths = pytree.tree_flatten_with_path(dummy)[0]
+    except ValueError:
+        return None
+    paths: list[tuple[str, ...]] = [()] * num_leaves
+    for path, leaf in with_paths:
+        paths[leaf] = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    return paths
+
+
 def _leaf_names(in_spec: pytree.TreeSpec, num_leaves: int) -> list[str]:
-    """Readable names of flat leaves: ``hidden_states``, ``added_cond_kwargs.resolution``, ``args.0``."""
-    dummy = pytree.tree_unflatten(list(range(num_leaves)), in_spec)
-    names = [""] * num_leaves
-    for path, leaf in pytree.tree_flatten_with_path(dummy)[0]:
-        parts = []
-        for key in path[1:]:  # path[0] selects args (0) or kwargs (1)
-            parts.append(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))))
-        prefix = "args" if path[0].idx == 0 else ""
-        names[leaf] = ".".join(([prefix] if prefix else []) + parts)
-    return names
+    """Readable names of flat input leaves: ``hidden_states``, ``added_cond_kwargs.resolution``, ``args.0``."""
+    paths = _leaf_paths(in_spec, num_leaves)
+    if paths is None:
+        return [f"input.{i}" for i in range(num_leaves)]
+    # path[0] selects args ("0") or kwargs ("1")
+    return [".".join((("args",) if path[0] == "0" else ()) + path[1:]) for path in paths]
+
+
+def _leaf_names_out(out_spec: pytree.TreeSpec, num: int) -> list[str]:
+    paths = _leaf_paths(out_spec, num)
+    if paths is None:
+        return [f"output.{i}" for i in range(num)]
+    return ["output." + ".".join(path) if path else "output" for path in paths]
 
 
 def _dynamic_shapes(args, kwargs, dynamic: bool):
@@ -245,19 +255,6 @@ def _forward_signature(model) -> inspect.Signature | None:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
-
-
-def _leaf_names_out(out_spec: pytree.TreeSpec, num: int) -> list[str]:
-    dummy = pytree.tree_unflatten(list(range(num)), out_spec)
-    names = [f"output.{i}" for i in range(num)]
-    try:
-        with_paths = pytree.tree_flatten_with_path(dummy)[0]
-    except ValueError:  # a pytree node registered without key paths (e.g. diffusers' BaseOutput)
-        return names
-    for path, leaf in with_paths:
-        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        names[leaf] = "output." + ".".join(parts) if parts else "output"
-    return names
 
 
 def _tensor_spec(name: str, fake: torch.Tensor, real: torch.Tensor, exported) -> TensorSpec:
