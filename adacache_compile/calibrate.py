@@ -151,9 +151,11 @@ def record_testbed_metrics(testbed, videos, num_steps: int, progress: bool = Fal
     return runs, motions
 
 
-# Calibration videos: every shape and motion bucket, seeds disjoint from the demo's and the benchmark's.
+# Calibration videos: three shapes x every motion bucket, seeds disjoint from the demo's and the benchmark's.
 CALIBRATION_VIDEOS = [
-    (shape, motion, 1000 + 10 * i + motion) for i, shape in enumerate(("square", "disc", "bar")) for motion in range(4)
+    (shape, motion, 1000 + 10 * i + motion)
+    for i, shape in enumerate(("square", "disc", "cross"))
+    for motion in range(4)
 ]
 
 

@@ -25,7 +25,7 @@ __all__ = [
     "measured_motion",
 ]
 
-SHAPES = ("square", "disc", "triangle", "cross", "bar")
+SHAPES = ("square", "disc", "triangle", "cross")
 # Speed range in pixels per frame of each motion bucket: static, slow, medium, fast.
 MOTION_BUCKETS = ((0.0, 0.0), (0.35, 0.6), (0.9, 1.3), (1.8, 2.6))
 TRAIN_SEED_LIMIT = 1 << 30
@@ -49,8 +49,8 @@ class DataConfig:
     frames: int = 8
     size: int = 16
     # Half-extent of a shape in pixels, drawn uniformly from this range.
-    radius: tuple[float, float] = (2.6, 3.6)
-    second_object_prob: float = 0.25
+    radius: tuple[float, float] = (3.4, 4.4)
+    second_object_prob: float = 0.2
     gradient_background_prob: float = 0.5
 
     @property
@@ -83,8 +83,6 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np
     if shape == "cross":
         arm = r * 0.35
         return np.minimum(np.maximum(ax - r, ay - arm), np.maximum(ax - arm, ay - r))
-    if shape == "bar":
-        return np.maximum(ax - r * 1.1, ay - r * 0.4)
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 

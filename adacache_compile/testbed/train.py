@@ -1,6 +1,6 @@
 """Train the testbed DiT on procedural moving-shape clips.
 
-    python -m adacache_compile.testbed.train --out adacache_compile/testbed/checkpoint --minutes 40 --threads 1
+    python -m adacache_compile.testbed.train --out adacache_compile/testbed/checkpoint --minutes 58 --threads 2
 
 Writes ``model.safetensors`` (EMA weights of transformer and label conditioner), ``config.json`` and ``MODEL_CARD.md``.
 """
@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import HELD_OUT_SEED_BASE, TRAIN_SEED_LIMIT, DataConfig, make_batch
+from .data import HELD_OUT_SEED_BASE, SHAPES, TRAIN_SEED_LIMIT, DataConfig, make_batch
 from .model import CondConfig, LabelConditioner, ModelConfig, build_transformer
 
-__all__ = ["TrainConfig", "SCHEDULER_CONFIG", "OBJECTIVE", "denoising_loss", "train", "main"]
+__all__ = ["TrainConfig", "SCHEDULER_CONFIG", "OBJECTIVE", "noised", "denoising_loss", "train", "main"]
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE = "epsilon"
+OBJECTIVE = "v_prediction"
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -35,6 +35,8 @@ SCHEDULER_CONFIG = {
     "prediction_type": OBJECTIVE,
     "clip_sample": True,
     "clip_sample_range": 1.0,
+    # Sampling starts at t = 999 (pure noise), as in training, rather than at the "leading" spacing's t = 981.
+    "timestep_spacing": "trailing",
 }
 # Held-out clips on which the loss curve is measured (fixed clips, timesteps and noise).
 EVAL_SEED_OFFSET = 1000
@@ -49,9 +51,11 @@ class TrainConfig:
     warmup_steps: int = 200
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    # Per-sample weight of the epsilon MSE is min(1 / alpha_bar_t, max_loss_weight): above 1 it shifts effort to
-    # high-noise steps, where plain epsilon MSE is tiny but errors in the implied x0 decide the layout of the video.
-    max_loss_weight: float = 1.0
+    # Per-sample weight of the v-prediction MSE: (min(SNR_t, gamma) + 1) / (SNR_t + 1), i.e. a weight of
+    # min(SNR_t, gamma) + 1 on the implied x0 error. Noisy steps keep plain v-MSE (x0 weight ~1; they decide the layout
+    # and which shape is drawn), nearly clean steps are capped as in min-SNR-gamma (Hang et al., 2023), whose own
+    # weight min(SNR_t, gamma) on x0 starves the noisy steps like epsilon-MSE does.
+    snr_gamma: float = 5.0
     log_every: int = 50
     eval_every_s: float = 120.0
 
@@ -62,20 +66,28 @@ def _alphas_cumprod() -> torch.Tensor:
     return DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod
 
 
+def noised(videos: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor):
+    """(noisy videos, v-prediction target, alpha_bar_t) for clean ``videos`` at ``timesteps``."""
+    alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * videos + (1.0 - alpha_bar).sqrt() * noise
+    target = alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * videos
+    return noisy, target, alpha_bar
+
+
 def denoising_loss(
     transformer, cond: LabelConditioner, videos: torch.Tensor, shapes: torch.Tensor, motions: torch.Tensor, seed: int
 ) -> float:
-    """Mean epsilon-MSE over the clips with timesteps and noise drawn from ``seed`` (same draws for every model)."""
+    """Mean (unweighted) v-prediction MSE over the clips, timesteps and noise drawn from ``seed`` (same draws for
+    every model)."""
     generator = torch.Generator().manual_seed(seed)
     timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (videos.shape[0],), generator=generator)
     noise = torch.randn(videos.shape, generator=generator)
-    alpha_bar = _alphas_cumprod()[timesteps].view(-1, 1, 1, 1, 1)
-    noisy = alpha_bar.sqrt() * videos + (1.0 - alpha_bar).sqrt() * noise
+    noisy, target, _ = noised(videos, timesteps, noise, _alphas_cumprod())
     with torch.no_grad():
         prediction = transformer(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
         )[0]
-    return F.mse_loss(prediction, noise).item()
+    return F.mse_loss(prediction, target).item()
 
 
 def _lr_factor(step: int, fraction_done: float, config: TrainConfig) -> float:
@@ -129,6 +141,21 @@ def train(
     budget_s = minutes * 60.0
     start = last_eval = time.monotonic()
     step, running = 0, []
+
+    def summarise(eval_loss: float) -> dict:
+        return {
+            "steps": step,
+            "batch_size": config.batch_size,
+            "wall_minutes": round((time.monotonic() - start) / 60.0, 2),
+            "threads": threads,
+            "num_params": num_params,
+            "random_init_eval_loss": previous["random_init_eval_loss"] if previous else init_loss,
+            "final_eval_loss_ema": eval_loss,
+            "curve": list(curve),
+            "train_config": dataclasses.asdict(config),
+            "continued_from": previous,
+        }
+
     transformer.train()
     while (elapsed := time.monotonic() - start) < budget_s:
         for group in optimizer.param_groups:
@@ -140,13 +167,13 @@ def train(
         shapes, motions = shapes.masked_fill(dropped, -1), motions.masked_fill(dropped, -1)
         timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,), generator=generator)
         noise = torch.randn(videos.shape, generator=generator)
-        alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1)
-        noisy = alpha_bar.sqrt() * videos + (1.0 - alpha_bar).sqrt() * noise
+        noisy, target, alpha_bar = noised(videos, timesteps, noise, alphas_cumprod)
         prediction = transformer(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
         )[0]
-        weight = (1.0 / alpha_bar).clamp(max=config.max_loss_weight)
-        loss = (weight * (prediction - noise).square()).mean()
+        snr = alpha_bar / (1.0 - alpha_bar)
+        weight = (snr.clamp(max=config.snr_gamma) + 1.0) / (snr + 1.0)
+        loss = (weight * (prediction - target).square()).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -181,6 +208,8 @@ def train(
                 }
             )
             logger.info("eval  step %d  train %.4f  held-out (EMA) %.4f", step, train_loss, eval_loss)
+            # A checkpoint at every evaluation: a run can be sampled while it trains, and a stopped run keeps its work.
+            _save(out, ema_transformer, ema_cond, data_config, model_config, cond_config, summarise(eval_loss))
 
     wall_s = time.monotonic() - start
     final_loss = denoising_loss(ema_transformer, ema_cond, *eval_batch, seed=seed)
@@ -191,19 +220,7 @@ def train(
     logger.info(
         "done: %d steps in %.1f min, held-out loss %.4f (init %.4f)", step, wall_s / 60.0, final_loss, init_loss
     )
-
-    summary = {
-        "steps": step,
-        "batch_size": config.batch_size,
-        "wall_minutes": round(wall_s / 60.0, 2),
-        "threads": threads,
-        "num_params": num_params,
-        "random_init_eval_loss": previous["random_init_eval_loss"] if previous else init_loss,
-        "final_eval_loss_ema": final_loss,
-        "curve": curve,
-        "train_config": dataclasses.asdict(config),
-        "continued_from": previous,
-    }
+    summary = summarise(final_loss)
     _save(out, ema_transformer, ema_cond, data_config, model_config, cond_config, summary)
     return summary
 
@@ -263,14 +280,15 @@ and the model the tests load. It is a testbed for caching, not a generative mode
 
 ## Data
 `adacache_compile.testbed.data`: {data_config.frames} frames at {data_config.size}x{data_config.size} RGB in [-1, 1],
-layout [C, F, H, W]. Shapes: square, disc, triangle, cross, bar in 7 saturated colours over a dark plain or gradient
+layout [C, F, H, W]. Shapes: {", ".join(SHAPES)} in 7 saturated colours over a dark plain or gradient
 background; motion buckets 0 static, 1 slow (0.35-0.6 px/frame), 2 medium (0.9-1.3), 3 fast (1.8-2.6), bouncing
 off the borders; {data_config.second_object_prob:.0%} of clips have a second (unlabelled) object of the same motion
 bucket. Each clip is a function of its seed; training used seeds below 2^30, evaluation seeds from 2^31 on.
 
 ## Training
-- Objective: {OBJECTIVE}-prediction MSE, DDPM linear betas 1e-4..0.02, 1000 train timesteps, uniform timesteps;
-  per-sample weight min(1 / alpha_bar_t, {summary["train_config"]["max_loss_weight"]}) (train loss column is weighted).
+- Objective: {OBJECTIVE} MSE, DDPM linear betas 1e-4..0.02, 1000 train timesteps, uniform timesteps;
+  per-sample weight (min(SNR_t, {summary["train_config"]["snr_gamma"]}) + 1) / (SNR_t + 1) (the train loss column is
+  weighted, the held-out column is not).
 - AdamW lr {summary["train_config"]["lr"]} (warm-up {summary["train_config"]["warmup_steps"]} steps, cosine to 10%
   over the time budget), weight decay {summary["train_config"]["weight_decay"]}, grad clip
   {summary["train_config"]["grad_clip"]}, batch {summary["batch_size"]}.
@@ -294,10 +312,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
     parser.add_argument("--minutes", type=float, default=40.0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--max-loss-weight", type=float, default=TrainConfig.max_loss_weight)
+    parser.add_argument("--snr-gamma", type=float, default=TrainConfig.snr_gamma)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, default=None, help="checkpoint directory to continue training from")
     args = parser.parse_args(argv)
@@ -306,7 +324,7 @@ def main(argv=None) -> None:
         args.out,
         args.minutes,
         args.threads,
-        TrainConfig(batch_size=args.batch_size, lr=args.lr, max_loss_weight=args.max_loss_weight),
+        TrainConfig(batch_size=args.batch_size, lr=args.lr, snr_gamma=args.snr_gamma),
         seed=args.seed,
         init_from=args.init_from,
     )
