@@ -98,8 +98,12 @@ class _NoContext:
         return False
 
 
-def summarize(methods: list[Method], num_steps: int) -> list[dict]:
+def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
+    """Rows of the table; with ``videos`` ((shape, motion, seed) per generated video) each row also says how many of
+    its videos show their labelled shape (`testbed.recognise`)."""
     from ..metrics import psnr, ssim
+    from .data import SHAPES
+    from .recognise import classify_shape
 
     reference = methods[0]
     rows = []
@@ -114,6 +118,10 @@ def summarize(methods: list[Method], num_steps: int) -> list[dict]:
             "psnr": None,
             "ssim": None,
         }
+        if videos is not None:
+            row["shapes_recognised"] = sum(
+                classify_shape(video[0]) == SHAPES.index(shape) for video, (shape, _, _) in zip(method.videos, videos)
+            )
         if method is not reference:
             video, ref = torch.cat(method.videos), torch.cat(reference.videos)
             row["psnr"], row["ssim"] = psnr(video, ref), ssim(video, ref)
@@ -122,15 +130,19 @@ def summarize(methods: list[Method], num_steps: int) -> list[dict]:
 
 
 def format_table(rows: list[dict], num_steps: int) -> str:
+    shapes = all("shapes_recognised" in r for r in rows)
     lines = [
-        f"| method | computed steps (of {num_steps}) | wall time (s) | speedup | PSNR (dB) | SSIM |",
-        "|---|---|---|---|---|---|",
+        f"| method | computed steps (of {num_steps}) | wall time (s) | speedup | PSNR (dB) | SSIM |"
+        + (" shape recognised |" if shapes else ""),
+        "|---|---|---|---|---|---|" + ("---|" if shapes else ""),
     ]
     for r in rows:
         psnr = "-" if r["psnr"] is None else ("inf" if r["psnr"] == float("inf") else f"{r['psnr']:.2f}")
         ssim = "-" if r["ssim"] is None else f"{r['ssim']:.4f}"
+        recognised = f" {r['shapes_recognised']}/{len(r['computed_per_video'])} |" if shapes else ""
         lines.append(
             f"| {r['method']} | {r['computed_steps']:.1f} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {psnr} | {ssim} |"
+            + recognised
         )
     return "\n".join(lines)
 
@@ -173,7 +185,7 @@ def run_demo(out_dir: Path, num_steps: int = 50, progress: bool = True) -> list[
     torch.manual_seed(0)
     testbed = load_testbed()
     methods = run_methods(testbed, default_methods(num_steps), DEMO_VIDEOS, num_steps, progress=progress)
-    rows = summarize(methods, num_steps)
+    rows = summarize(methods, num_steps, DEMO_VIDEOS)
     table = format_table(rows, num_steps)
     for method in methods:
         for (shape, motion, seed), video in zip(DEMO_VIDEOS, method.videos):
