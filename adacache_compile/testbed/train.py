@@ -83,11 +83,15 @@ def denoising_loss(
     timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (videos.shape[0],), generator=generator)
     noise = torch.randn(videos.shape, generator=generator)
     noisy, target, _ = noised(videos, timesteps, noise, _alphas_cumprod())
+    device = next(transformer.parameters()).device
     with torch.no_grad():
         prediction = transformer(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
+            hidden_states=noisy.to(device),
+            timestep=timesteps.to(device),
+            encoder_hidden_states=cond(shapes.to(device), motions.to(device)),
+            return_dict=False,
         )[0]
-    return F.mse_loss(prediction, target).item()
+    return F.mse_loss(prediction, target.to(device)).item()
 
 
 def _lr_factor(step: int, fraction_done: float, config: TrainConfig) -> float:
@@ -102,8 +106,12 @@ def train(
     config: TrainConfig | None = None,
     seed: int = 0,
     init_from: Path | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint."""
+    """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint.
+
+    Clips, timesteps and noise are always drawn on the CPU (the same draws on every device); ``device`` ("cuda")
+    runs the model there."""
     config = config or TrainConfig()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -123,6 +131,7 @@ def train(
         transformer.load_state_dict(saved.transformer.state_dict())
         cond.load_state_dict(saved.cond.state_dict())
         previous = saved.meta["training"]
+    transformer, cond = transformer.to(device), cond.to(device)
     ema_transformer, ema_cond = copy.deepcopy(transformer).eval(), copy.deepcopy(cond).eval()
     params = list(transformer.parameters()) + list(cond.parameters())
     num_params = sum(p.numel() for p in params)
@@ -148,6 +157,7 @@ def train(
             "batch_size": config.batch_size,
             "wall_minutes": round((time.monotonic() - start) / 60.0, 2),
             "threads": threads,
+            "device": device,
             "num_params": num_params,
             "random_init_eval_loss": previous["random_init_eval_loss"] if previous else init_loss,
             "final_eval_loss_ema": eval_loss,
@@ -168,6 +178,8 @@ def train(
         timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,), generator=generator)
         noise = torch.randn(videos.shape, generator=generator)
         noisy, target, alpha_bar = noised(videos, timesteps, noise, alphas_cumprod)
+        noisy, target, alpha_bar = noisy.to(device), target.to(device), alpha_bar.to(device)
+        shapes, motions, timesteps = shapes.to(device), motions.to(device), timesteps.to(device)
         prediction = transformer(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
         )[0]
@@ -229,8 +241,8 @@ def _save(out: Path, transformer, cond, data_config, model_config, cond_config, 
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"transformer.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
-    tensors.update({f"cond.{k}": v.contiguous() for k, v in cond.state_dict().items()})
+    tensors = {f"transformer.{k}": v.detach().cpu().contiguous() for k, v in transformer.state_dict().items()}
+    tensors.update({f"cond.{k}": v.detach().cpu().contiguous() for k, v in cond.state_dict().items()})
     save_file(tensors, str(out / "model.safetensors"))
     config = {
         "transformer": dict(transformer.config),
@@ -292,7 +304,8 @@ bucket. Each clip is a function of its seed; training used seeds below 2^30, eva
 - AdamW lr {summary["train_config"]["lr"]} (warm-up {summary["train_config"]["warmup_steps"]} steps, cosine to 10%
   over the time budget), weight decay {summary["train_config"]["weight_decay"]}, grad clip
   {summary["train_config"]["grad_clip"]}, batch {summary["batch_size"]}.
-- {summary["steps"]} steps in {summary["wall_minutes"]} min wall time on {summary["threads"]} CPU thread(s).
+- {summary["steps"]} steps in {summary["wall_minutes"]} min wall time, model on {summary["device"]}, {summary["threads"]}
+  CPU thread(s).
 {_continued_note(summary)}- Random-init loss on the held-out set: **{summary["random_init_eval_loss"]:.4f}**; final (EMA):
   **{summary["final_eval_loss_ema"]:.4f}**.
 
@@ -317,6 +330,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--snr-gamma", type=float, default=TrainConfig.snr_gamma)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help='where the model runs, e.g. "cuda" (data stays on the CPU)')
     parser.add_argument("--init-from", type=Path, default=None, help="checkpoint directory to continue training from")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -327,6 +341,7 @@ def main(argv=None) -> None:
         TrainConfig(batch_size=args.batch_size, lr=args.lr, snr_gamma=args.snr_gamma),
         seed=args.seed,
         init_from=args.init_from,
+        device=args.device,
     )
 
 
