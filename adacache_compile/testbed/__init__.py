@@ -13,7 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .data import HELD_OUT_SEED_BASE, MOTION_BUCKETS, SHAPES, DataConfig, make_batch, make_clip, measured_motion
+from .data import (
+    HELD_OUT_SEED_BASE,
+    MOTION_BUCKETS,
+    SHAPES,
+    DataConfig,
+    make_batch,
+    make_clip,
+    measured_motion,
+    shape_index,
+)
 from .model import CondConfig, LabelConditioner, ModelConfig, build_transformer
 from .sample import DEFAULT_GUIDANCE_SCALE, sample, save_gif, save_mp4, side_by_side_png
 
@@ -67,7 +76,7 @@ def make_condition(cond: LabelConditioner, labels: Sequence[tuple[int, int]]) ->
 
     A shape may be given by name (``"disc"``) as well as by index.
     """
-    shapes = torch.tensor([SHAPES.index(s) if isinstance(s, str) else int(s) for s, _ in labels], dtype=torch.long)
+    shapes = torch.tensor([shape_index(s) for s, _ in labels], dtype=torch.long)
     motions = torch.tensor([int(m) for _, m in labels], dtype=torch.long)
     with torch.no_grad():
         return cond(shapes, motions)

@@ -21,6 +21,8 @@ __all__ = [
     "DataConfig",
     "Clip",
     "make_clip",
+    "shape_index",
+    "signed_distance",
     "make_batch",
     "measured_motion",
 ]
@@ -69,7 +71,7 @@ class Clip:
     motion: int  # index into MOTION_BUCKETS
 
 
-def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Approximate signed distance in pixels (negative inside) of a shape centred at the origin."""
     ax, ay = np.abs(dx), np.abs(dy)
     if shape == "square":
@@ -84,6 +86,15 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np
         arm = r * 0.35
         return np.minimum(np.maximum(ax - r, ay - arm), np.maximum(ax - arm, ay - r))
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def shape_index(shape: str | int) -> int:
+    """Index into SHAPES of a shape given by name ("disc") or index."""
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+        return SHAPES.index(shape)
+    return int(shape)
 
 
 def _bounce(start: float, velocity: float, t: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -119,7 +130,7 @@ def _draw_object(rng: np.random.Generator, config: DataConfig, frames: np.ndarra
         dx = grid[None, :] - xs[f]
         dy = grid[:, None] - ys[f]
         # One-pixel linear ramp at the edge: anti-aliasing makes sub-pixel motion visible.
-        alpha = np.clip(0.5 - _signed_distance(SHAPES[shape], dx, dy, radius), 0.0, 1.0)
+        alpha = np.clip(0.5 - signed_distance(SHAPES[shape], dx, dy, radius), 0.0, 1.0)
         frames[:, f] = frames[:, f] * (1.0 - alpha) + colour[:, None, None] * alpha
 
 

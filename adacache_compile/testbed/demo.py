@@ -102,7 +102,7 @@ def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
     """Rows of the table; with ``videos`` ((shape, motion, seed) per generated video) each row also says how many of
     its videos show their labelled shape (`testbed.recognise`)."""
     from ..metrics import psnr, ssim
-    from .data import SHAPES
+    from .data import shape_index
     from .recognise import classify_shape
 
     reference = methods[0]
@@ -120,7 +120,7 @@ def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
         }
         if videos is not None:
             row["shapes_recognised"] = sum(
-                classify_shape(video[0]) == SHAPES.index(shape) for video, (shape, _, _) in zip(method.videos, videos)
+                classify_shape(video[0]) == shape_index(shape) for video, (shape, _, _) in zip(method.videos, videos)
             )
         if method is not reference:
             video, ref = torch.cat(method.videos), torch.cat(reference.videos)

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .data import SHAPES, _signed_distance
+from .data import SHAPES, shape_index, signed_distance
 
 __all__ = ["FOREGROUND_LEVEL", "classify_shape", "label_accuracy", "sample_accuracy", "main"]
 
@@ -45,7 +45,7 @@ def _frame_scores(mask: np.ndarray) -> np.ndarray:
             for ox in _OFFSETS:
                 dx, dy = grid_x[None, :] - (cx + ox), grid_y[:, None] - (cy + oy)
                 for radius in _RADII:
-                    template = _signed_distance(shape, dx, dy, radius) < 0.0
+                    template = signed_distance(shape, dx, dy, radius) < 0.0
                     union = np.logical_or(template, mask).sum()
                     scores[index] = max(scores[index], np.logical_and(template, mask).sum() / max(union, 1))
     return scores
@@ -67,7 +67,7 @@ def classify_shape(video: torch.Tensor, min_pixels: int = 6) -> int | None:
 
 def label_accuracy(videos: torch.Tensor, shapes) -> float:
     """Fraction of videos [B, C, F, H, W] that :func:`classify_shape` assigns to their shape label (index or name)."""
-    labels = [SHAPES.index(s) if isinstance(s, str) else int(s) for s in shapes]
+    labels = [shape_index(s) for s in shapes]
     hits = [classify_shape(video) == label for video, label in zip(videos, labels)]
     return sum(hits) / len(hits)
 
