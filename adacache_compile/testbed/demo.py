@@ -102,8 +102,7 @@ def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
     """Rows of the table; with ``videos`` ((shape, motion, seed) per generated video) each row also says how many of
     its videos show their labelled shape (`testbed.recognise`)."""
     from ..metrics import psnr, ssim
-    from .data import shape_index
-    from .recognise import classify_shape
+    from .recognise import recognised
 
     reference = methods[0]
     rows = []
@@ -119,9 +118,7 @@ def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
             "ssim": None,
         }
         if videos is not None:
-            row["shapes_recognised"] = sum(
-                classify_shape(video[0]) == shape_index(shape) for video, (shape, _, _) in zip(method.videos, videos)
-            )
+            row["shapes_recognised"] = sum(recognised(torch.cat(method.videos), [shape for shape, _, _ in videos]))
         if method is not reference:
             video, ref = torch.cat(method.videos), torch.cat(reference.videos)
             row["psnr"], row["ssim"] = psnr(video, ref), ssim(video, ref)

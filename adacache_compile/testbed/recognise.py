@@ -15,7 +15,15 @@ import torch
 
 from .data import SHAPES, shape_index, signed_distance
 
-__all__ = ["FOREGROUND_LEVEL", "classify_shape", "label_accuracy", "sample_accuracy", "main"]
+__all__ = [
+    "FOREGROUND_LEVEL",
+    "classify_shape",
+    "recognised",
+    "label_accuracy",
+    "sample_labels",
+    "sample_accuracy",
+    "main",
+]
 
 # Foreground threshold on the brightest channel in [0, 1]: every palette colour has a channel at 1.0, every background
 # channel is at most 0.35.
@@ -65,16 +73,20 @@ def classify_shape(video: torch.Tensor, min_pixels: int = 6) -> int | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
+def recognised(videos: torch.Tensor, shapes) -> list[bool]:
+    """Per video [B, C, F, H, W]: does :func:`classify_shape` assign it to its shape label (index or name)?"""
+    return [classify_shape(video) == shape_index(shape) for video, shape in zip(videos, shapes)]
+
+
 def label_accuracy(videos: torch.Tensor, shapes) -> float:
     """Fraction of videos [B, C, F, H, W] that :func:`classify_shape` assigns to their shape label (index or name)."""
-    labels = [shape_index(s) for s in shapes]
-    hits = [classify_shape(video) == label for video, label in zip(videos, labels)]
+    hits = recognised(videos, shapes)
     return sum(hits) / len(hits)
 
 
-def sample_accuracy(testbed, seeds_per_label: int = 2, num_steps: int = 50, guidance_scale: float | None = None):
-    """Sample ``seeds_per_label`` videos of every (shape, motion bucket) label, uncached; returns (accuracy, videos,
-    labels). Seeds are 0, 1, 2, ... in label order."""
+def sample_labels(testbed, seeds_per_label: int = 2, num_steps: int = 50, guidance_scale: float | None = None):
+    """Sample ``seeds_per_label`` videos of every (shape, motion bucket) label, uncached; returns (videos, labels).
+    Seeds are 0, 1, 2, ... in label order."""
     from .data import MOTION_BUCKETS
     from .sample import DEFAULT_GUIDANCE_SCALE, sample
 
@@ -88,6 +100,12 @@ def sample_accuracy(testbed, seeds_per_label: int = 2, num_steps: int = 50, guid
         guidance_scale=DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale,
         progress=False,
     )
+    return videos, labels
+
+
+def sample_accuracy(testbed, seeds_per_label: int = 2, num_steps: int = 50, guidance_scale: float | None = None):
+    """:func:`sample_labels`, then the fraction recognised as their shape label; returns (accuracy, videos, labels)."""
+    videos, labels = sample_labels(testbed, seeds_per_label, num_steps, guidance_scale)
     return label_accuracy(videos, [s for s, _ in labels]), videos, labels
 
 
@@ -102,13 +120,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=None)
     args = parser.parse_args(argv)
-    accuracy, videos, labels = sample_accuracy(
-        load_testbed(args.checkpoint), args.seeds_per_label, args.steps, args.guidance_scale
-    )
+    videos, labels = sample_labels(load_testbed(args.checkpoint), args.seeds_per_label, args.steps, args.guidance_scale)
+    hits = recognised(videos, [s for s, _ in labels])
+    accuracy = sum(hits) / len(hits)
     per_shape = {}
     for index, shape in enumerate(SHAPES):
-        rows = [i for i, (s, _) in enumerate(labels) if s == index]
-        per_shape[shape] = label_accuracy(videos[rows], [index] * len(rows))
+        shape_hits = [hit for hit, (s, _) in zip(hits, labels) if s == index]
+        per_shape[shape] = sum(shape_hits) / len(shape_hits)
     print(f"{len(labels)} samples, recognised as their labelled shape: {accuracy:.1%} (chance {1 / len(SHAPES):.0%})")
     print("per shape: " + ", ".join(f"{shape} {value:.0%}" for shape, value in per_shape.items()))
 
