@@ -86,3 +86,39 @@ def test_samples_follow_their_shape_label_above_chance(testbed):
     """Uncached samples are classified as the shape they were asked for clearly more often than chance (25 %)."""
     accuracy, videos, labels = sample_accuracy(testbed, seeds_per_label=1, num_steps=SAMPLE_CHECK_STEPS)
     assert accuracy >= SAMPLE_CHECK_MIN_ACCURACY, (accuracy, labels)
+
+
+def test_focused_timestep_draw_stays_in_its_band():
+    from adacache_compile.testbed.train import TrainConfig, _draw_timesteps
+
+    def draws(config):
+        generator = torch.Generator().manual_seed(0)
+        return torch.cat([_draw_timesteps(config, generator) for _ in range(50)])
+
+    plain = draws(TrainConfig(batch_size=64))
+    focused = draws(TrainConfig(batch_size=64, focus_prob=1.0, focus_range=(150, 650)))
+    mixed = draws(TrainConfig(batch_size=64, focus_prob=0.6, focus_range=(150, 650)))
+    assert plain.min() < 50 and plain.max() > 950
+    assert focused.min() >= 150 and focused.max() < 650
+    in_band = ((mixed >= 150) & (mixed < 650)).float().mean().item()
+    assert 0.6 + 0.4 * 0.5 - 0.05 < in_band < 0.6 + 0.4 * 0.5 + 0.05, in_band
+
+
+def test_short_training_run_saves_a_loadable_checkpoint_and_continues_at_its_size(tmp_path):
+    from adacache_compile.testbed.model import ModelConfig
+    from adacache_compile.testbed.train import TrainConfig, train
+
+    small = ModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    config = TrainConfig(batch_size=2, warmup_steps=2)
+    first = train(tmp_path / "a", minutes=0.05, threads=1, config=config, model_config=small)
+    saved = load_testbed(tmp_path / "a")
+    assert first["steps"] > 0
+    assert saved.transformer.config.num_attention_heads == 2 and saved.transformer.config.attention_head_dim == 8
+    assert first["num_params"] == sum(p.numel() for p in saved.transformer.parameters()) + sum(
+        p.numel() for p in saved.cond.parameters()
+    )
+    # A continued run keeps the saved size (the default ModelConfig is larger) and records its predecessor.
+    second = train(tmp_path / "b", minutes=0.05, threads=1, config=config, init_from=tmp_path / "a")
+    assert second["num_params"] == first["num_params"]
+    assert second["continued_from"]["steps"] == first["steps"]
+    assert load_testbed(tmp_path / "b").transformer.config.attention_head_dim == 8

@@ -56,6 +56,11 @@ class TrainConfig:
     # and which shape is drawn), nearly clean steps are capped as in min-SNR-gamma (Hang et al., 2023), whose own
     # weight min(SNR_t, gamma) on x0 starves the noisy steps like epsilon-MSE does.
     snr_gamma: float = 5.0
+    # Timesteps are drawn uniformly; with probability ``focus_prob`` a clip's timestep is drawn from ``focus_range``
+    # instead (inclusive-exclusive), which spends more of the steps on the noise levels that decide which shape is
+    # drawn. 0 is the plain uniform draw.
+    focus_prob: float = 0.0
+    focus_range: tuple[int, int] = (150, 650)
     log_every: int = 50
     eval_every_s: float = 120.0
 
@@ -94,6 +99,12 @@ def denoising_loss(
     return F.mse_loss(prediction, target.to(device)).item()
 
 
+def _draw_timesteps(config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    uniform = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,), generator=generator)
+    focused = torch.randint(*config.focus_range, (config.batch_size,), generator=generator)
+    return torch.where(torch.rand(config.batch_size, generator=generator) < config.focus_prob, focused, uniform)
+
+
 def _lr_factor(step: int, fraction_done: float, config: TrainConfig) -> float:
     warmup = min(1.0, (step + 1) / config.warmup_steps)
     return warmup * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(fraction_done, 1.0))))
@@ -107,15 +118,24 @@ def train(
     seed: int = 0,
     init_from: Path | None = None,
     device: str = "cpu",
+    model_config: ModelConfig | None = None,
 ) -> dict:
     """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint.
 
     Clips, timesteps and noise are always drawn on the CPU (the same draws on every device); ``device`` ("cuda")
-    runs the model there."""
+    runs the model there. ``model_config`` sizes a new model; a continued run keeps the size it was saved with."""
     config = config or TrainConfig()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    data_config, model_config = DataConfig(), ModelConfig()
+    data_config = DataConfig()
+    previous = None
+    if init_from is not None:
+        from . import load_testbed
+
+        saved = load_testbed(init_from)
+        model_config = ModelConfig(**saved.meta["model"])
+        previous = saved.meta["training"]
+    model_config = model_config or ModelConfig()
     cond_config = CondConfig(
         num_shapes=data_config.num_shapes,
         num_motion_buckets=data_config.num_motion_buckets,
@@ -123,14 +143,9 @@ def train(
     )
     transformer = build_transformer(model_config, data_config)
     cond = LabelConditioner(cond_config)
-    previous = None
     if init_from is not None:
-        from . import load_testbed
-
-        saved = load_testbed(init_from)
         transformer.load_state_dict(saved.transformer.state_dict())
         cond.load_state_dict(saved.cond.state_dict())
-        previous = saved.meta["training"]
     transformer, cond = transformer.to(device), cond.to(device)
     ema_transformer, ema_cond = copy.deepcopy(transformer).eval(), copy.deepcopy(cond).eval()
     params = list(transformer.parameters()) + list(cond.parameters())
@@ -175,7 +190,7 @@ def train(
         videos, shapes, motions = make_batch(seeds.tolist(), data_config)
         dropped = torch.rand(config.batch_size, generator=generator) < cond_config.label_dropout
         shapes, motions = shapes.masked_fill(dropped, -1), motions.masked_fill(dropped, -1)
-        timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,), generator=generator)
+        timesteps = _draw_timesteps(config, generator)
         noise = torch.randn(videos.shape, generator=generator)
         noisy, target, alpha_bar = noised(videos, timesteps, noise, alphas_cumprod)
         noisy, target, alpha_bar = noisy.to(device), target.to(device), alpha_bar.to(device)
@@ -329,7 +344,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--snr-gamma", type=float, default=TrainConfig.snr_gamma)
+    parser.add_argument("--focus-prob", type=float, default=TrainConfig.focus_prob)
+    parser.add_argument("--focus-range", type=int, nargs=2, default=TrainConfig.focus_range, metavar=("LO", "HI"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=ModelConfig.num_layers, help="spatial+temporal block pairs")
+    parser.add_argument("--heads", type=int, default=ModelConfig.num_attention_heads)
+    parser.add_argument("--head-dim", type=int, default=ModelConfig.attention_head_dim)
     parser.add_argument("--device", default="cpu", help='where the model runs, e.g. "cuda" (data stays on the CPU)')
     parser.add_argument("--init-from", type=Path, default=None, help="checkpoint directory to continue training from")
     args = parser.parse_args(argv)
@@ -338,10 +358,19 @@ def main(argv=None) -> None:
         args.out,
         args.minutes,
         args.threads,
-        TrainConfig(batch_size=args.batch_size, lr=args.lr, snr_gamma=args.snr_gamma),
+        TrainConfig(
+            batch_size=args.batch_size,
+            lr=args.lr,
+            snr_gamma=args.snr_gamma,
+            focus_prob=args.focus_prob,
+            focus_range=tuple(args.focus_range),
+        ),
         seed=args.seed,
         init_from=args.init_from,
         device=args.device,
+        model_config=ModelConfig(
+            num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim
+        ),
     )
 
 
