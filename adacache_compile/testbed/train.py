@@ -282,6 +282,14 @@ def _continued_note(summary: dict) -> str:
     )
 
 
+def _timestep_note(summary: dict) -> str:
+    config = summary["train_config"]
+    if not config.get("focus_prob"):
+        return "uniform timesteps"
+    lo, hi = config["focus_range"]
+    return f"timesteps uniform, or with probability {config['focus_prob']} uniform in [{lo}, {hi})"
+
+
 def _model_card(summary: dict, data_config: DataConfig, model_config: ModelConfig) -> str:
     rows = "\n".join(
         "| {} | {} | {} | {:.4f} |".format(
@@ -313,7 +321,7 @@ off the borders; {data_config.second_object_prob:.0%} of clips have a second (un
 bucket. Each clip is a function of its seed; training used seeds below 2^30, evaluation seeds from 2^31 on.
 
 ## Training
-- Objective: {OBJECTIVE} MSE, DDPM linear betas 1e-4..0.02, 1000 train timesteps, uniform timesteps;
+- Objective: {OBJECTIVE} MSE, DDPM linear betas 1e-4..0.02, 1000 train timesteps, {_timestep_note(summary)};
   per-sample weight (min(SNR_t, {summary["train_config"]["snr_gamma"]}) + 1) / (SNR_t + 1) (the train loss column is
   weighted, the held-out column is not).
 - AdamW lr {summary["train_config"]["lr"]} (warm-up {summary["train_config"]["warmup_steps"]} steps, cosine to 10%
