@@ -123,3 +123,7 @@ def test_short_training_run_saves_a_loadable_checkpoint_and_continues_at_its_siz
     assert second["num_params"] == first["num_params"]
     assert second["continued_from"]["steps"] == first["steps"]
     assert load_testbed(tmp_path / "b").transformer.config.attention_head_dim == 8
+    with pytest.raises(ValueError, match="keeps its saved size"):
+        train(
+            tmp_path / "c", minutes=0.05, threads=1, config=config, init_from=tmp_path / "a", model_config=ModelConfig()
+        )

@@ -123,7 +123,8 @@ def train(
     """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint.
 
     Clips, timesteps and noise are always drawn on the CPU (the same draws on every device); ``device`` ("cuda")
-    runs the model there. ``model_config`` sizes a new model; a continued run keeps the size it was saved with."""
+    runs the model there. ``model_config`` sizes a new model (default ``ModelConfig()``); a continued run keeps the size
+    it was saved with, and a ``model_config`` that differs from it is an error."""
     config = config or TrainConfig()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -133,7 +134,13 @@ def train(
         from . import load_testbed
 
         saved = load_testbed(init_from)
-        model_config = ModelConfig(**saved.meta["model"])
+        saved_config = ModelConfig(**saved.meta["model"])
+        if model_config is not None and model_config != saved_config:
+            raise ValueError(
+                f"train: init_from={str(init_from)!r} holds a model of {saved_config}, but model_config asks for"
+                f" {model_config}; a continued run keeps its saved size (drop the size options or train from scratch)"
+            )
+        model_config = saved_config
         previous = saved.meta["training"]
     model_config = model_config or ModelConfig()
     cond_config = CondConfig(
@@ -344,6 +351,20 @@ loss: mean of the last 200 steps (10% of labels dropped).
 """
 
 
+def _model_config_from(args) -> ModelConfig | None:
+    """The ModelConfig of the size options given on the command line, or None when none was given."""
+    given = {
+        field: value
+        for field, value in (
+            ("num_layers", args.layers),
+            ("num_attention_heads", args.heads),
+            ("attention_head_dim", args.head_dim),
+        )
+        if value is not None
+    }
+    return ModelConfig(**given) if given else None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
@@ -355,9 +376,10 @@ def main(argv=None) -> None:
     parser.add_argument("--focus-prob", type=float, default=TrainConfig.focus_prob)
     parser.add_argument("--focus-range", type=int, nargs=2, default=TrainConfig.focus_range, metavar=("LO", "HI"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, default=ModelConfig.num_layers, help="spatial+temporal block pairs")
-    parser.add_argument("--heads", type=int, default=ModelConfig.num_attention_heads)
-    parser.add_argument("--head-dim", type=int, default=ModelConfig.attention_head_dim)
+    sizes = "model size of a new run (default: ModelConfig); a continued run keeps its saved size"
+    parser.add_argument("--layers", type=int, default=None, help=f"spatial+temporal block pairs; {sizes}")
+    parser.add_argument("--heads", type=int, default=None, help=sizes)
+    parser.add_argument("--head-dim", type=int, default=None, help=sizes)
     parser.add_argument("--device", default="cpu", help='where the model runs, e.g. "cuda" (data stays on the CPU)')
     parser.add_argument("--init-from", type=Path, default=None, help="checkpoint directory to continue training from")
     args = parser.parse_args(argv)
@@ -376,9 +398,7 @@ def main(argv=None) -> None:
         seed=args.seed,
         init_from=args.init_from,
         device=args.device,
-        model_config=ModelConfig(
-            num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim
-        ),
+        model_config=_model_config_from(args),
     )
 
 
