@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "SHAPES",
     "MOTION_BUCKETS",
+    "MOTION_BUCKET_NAMES",
     "TRAIN_SEED_LIMIT",
     "HELD_OUT_SEED_BASE",
     "DataConfig",
@@ -30,6 +31,7 @@ __all__ = [
 SHAPES = ("square", "disc", "triangle", "cross")
 # Speed range in pixels per frame of each motion bucket: static, slow, medium, fast.
 MOTION_BUCKETS = ((0.0, 0.0), (0.35, 0.6), (0.9, 1.3), (1.8, 2.6))
+MOTION_BUCKET_NAMES = ("static", "slow", "medium", "fast")
 TRAIN_SEED_LIMIT = 1 << 30
 HELD_OUT_SEED_BASE = 1 << 31
 # Saturated colours that stay distinct from every background below.

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .data import SHAPES, shape_index, signed_distance
+from .data import MOTION_BUCKET_NAMES, SHAPES, shape_index, signed_distance
 
 __all__ = [
     "FOREGROUND_LEVEL",
@@ -113,6 +113,7 @@ def main(argv=None) -> None:
     import argparse
 
     from . import CHECKPOINT_DIR, load_testbed
+    from .data import HELD_OUT_SEED_BASE, make_batch, measured_motion
 
     parser = argparse.ArgumentParser(description="Shape-label accuracy of a testbed checkpoint's uncached samples.")
     parser.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
@@ -120,15 +121,33 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=None)
     args = parser.parse_args(argv)
-    videos, labels = sample_labels(load_testbed(args.checkpoint), args.seeds_per_label, args.steps, args.guidance_scale)
+    testbed = load_testbed(args.checkpoint)
+    videos, labels = sample_labels(testbed, args.seeds_per_label, args.steps, args.guidance_scale)
     hits = recognised(videos, [s for s, _ in labels])
-    accuracy = sum(hits) / len(hits)
-    per_shape = {}
-    for index, shape in enumerate(SHAPES):
-        shape_hits = [hit for hit, (s, _) in zip(hits, labels) if s == index]
-        per_shape[shape] = sum(shape_hits) / len(shape_hits)
-    print(f"{len(labels)} samples, recognised as their labelled shape: {accuracy:.1%} (chance {1 / len(SHAPES):.0%})")
-    print("per shape: " + ", ".join(f"{shape} {value:.0%}" for shape, value in per_shape.items()))
+    print(
+        f"{len(labels)} samples, recognised as their labelled shape: {sum(hits) / len(hits):.1%} (chance {1 / len(SHAPES):.0%})"
+    )
+    print("per shape: " + ", ".join(f"{shape} {_rate(hits, labels, 0, i):.0%}" for i, shape in enumerate(SHAPES)))
+    print(
+        "per motion bucket: "
+        + ", ".join(f"{name} {_rate(hits, labels, 1, i):.0%}" for i, name in enumerate(MOTION_BUCKET_NAMES))
+    )
+    # Does the motion label steer the motion? Mean frame-to-frame change per bucket, samples vs training clips.
+    data_videos, _, data_motions = make_batch(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + 256), testbed.data_config)
+    sample_motion, data_motion = measured_motion(videos), measured_motion(data_videos)
+    sample_buckets = torch.tensor([m for _, m in labels])
+    print(
+        "motion (mean |frame difference|), samples / held-out clips: "
+        + ", ".join(
+            f"{name} {sample_motion[sample_buckets == i].mean():.3f} / {data_motion[data_motions == i].mean():.3f}"
+            for i, name in enumerate(MOTION_BUCKET_NAMES)
+        )
+    )
+
+
+def _rate(hits: list[bool], labels: list[tuple[int, int]], field: int, value: int) -> float:
+    group = [hit for hit, label in zip(hits, labels) if label[field] == value]
+    return sum(group) / len(group)
 
 
 if __name__ == "__main__":
