@@ -18,7 +18,10 @@ __all__ = [
     "side_by_side_png",
 ]
 
-DEFAULT_GUIDANCE_SCALE = 3.0
+# Chosen on the shipped checkpoint (model card): at 1.5 the samples' shapes are recognised as often as at 2 and more
+# often than at 3, their frame-to-frame motion per bucket is closest to the training clips', and static videos stay
+# clean; from 2 up, guidance turns static-bucket videos into textured patches and exaggerates motion.
+DEFAULT_GUIDANCE_SCALE = 1.5
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .data import HELD_OUT_SEED_BASE, SHAPES, TRAIN_SEED_LIMIT, DataConfig, make_batch
 from .model import CondConfig, LabelConditioner, ModelConfig, build_transformer
+from .sample import DEFAULT_GUIDANCE_SCALE
 
 __all__ = ["TrainConfig", "SCHEDULER_CONFIG", "OBJECTIVE", "noised", "denoising_loss", "train", "main"]
 
@@ -347,7 +348,8 @@ loss: mean of the last 200 steps (10% of labels dropped).
 {rows}
 
 ## Sampling
-`adacache_compile.testbed.sample`: DDIM, 50 steps, batched classifier-free guidance.
+`adacache_compile.testbed.sample`: DDIM, 50 steps, batched classifier-free guidance (default scale
+{DEFAULT_GUIDANCE_SCALE}).
 """
 
 
