@@ -4,11 +4,10 @@ import torch
 from adacache_compile.testbed import (
     CHECKPOINT_DIR,
     HELD_OUT_SEED_BASE,
-    MOTION_BUCKETS,
     load_testbed,
     make_batch,
     make_clip,
-    measured_motion,
+    motion_per_bucket,
     sample,
 )
 from adacache_compile.testbed.data import DataConfig
@@ -67,7 +66,7 @@ def test_data_is_deterministic_by_seed():
 
 def test_motion_buckets_differ_in_measured_motion():
     videos, _, motions = make_batch(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + 400))
-    per_bucket = [measured_motion(videos[motions == bucket]).mean().item() for bucket in range(len(MOTION_BUCKETS))]
+    per_bucket = motion_per_bucket(videos, motions)
     assert per_bucket[0] == 0.0
     # Each bucket moves clearly more than the one below it.
     for slower, faster in zip(per_bucket, per_bucket[1:]):
@@ -100,9 +99,7 @@ def test_samples_follow_their_motion_label(label_samples):
     """The motion bucket steers the samples: asked-for static videos change far less from frame to frame than
     asked-for fast ones, and the buckets keep their order on average."""
     _, videos, labels = label_samples
-    motion = measured_motion(videos)
-    buckets = torch.tensor([m for _, m in labels])
-    per_bucket = [motion[buckets == bucket].mean().item() for bucket in range(len(MOTION_BUCKETS))]
+    per_bucket = motion_per_bucket(videos, [m for _, m in labels])
     assert per_bucket[0] < 0.35 * per_bucket[-1], per_bucket
     assert per_bucket == sorted(per_bucket), per_bucket
 

@@ -21,6 +21,7 @@ from .data import (
     make_batch,
     make_clip,
     measured_motion,
+    motion_per_bucket,
     shape_index,
 )
 from .model import CondConfig, LabelConditioner, ModelConfig, build_transformer
@@ -47,6 +48,7 @@ __all__ = [
     "make_clip",
     "make_batch",
     "measured_motion",
+    "motion_per_bucket",
 ]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"

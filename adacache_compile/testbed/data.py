@@ -26,6 +26,7 @@ __all__ = [
     "signed_distance",
     "make_batch",
     "measured_motion",
+    "motion_per_bucket",
 ]
 
 SHAPES = ("square", "disc", "triangle", "cross")
@@ -163,3 +164,10 @@ def make_batch(seeds, config: DataConfig | None = None) -> tuple[torch.Tensor, t
 def measured_motion(video: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between consecutive frames; video [..., C, F, H, W] -> [...]."""
     return (video[..., 1:, :, :] - video[..., :-1, :, :]).abs().mean(dim=(-4, -3, -2, -1))
+
+
+def motion_per_bucket(videos: torch.Tensor, buckets) -> list[float]:
+    """Mean :func:`measured_motion` of videos [B, C, F, H, W] per motion bucket (``buckets``: B bucket indices);
+    NaN for a bucket with no video."""
+    motion, buckets = measured_motion(videos), torch.as_tensor(buckets)
+    return [motion[buckets == bucket].mean().item() for bucket in range(len(MOTION_BUCKETS))]

@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     import argparse
 
     from . import CHECKPOINT_DIR, load_testbed
-    from .data import HELD_OUT_SEED_BASE, make_batch, measured_motion
+    from .data import HELD_OUT_SEED_BASE, make_batch, motion_per_bucket
 
     parser = argparse.ArgumentParser(description="Shape-label accuracy of a testbed checkpoint's uncached samples.")
     parser.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
@@ -134,13 +134,13 @@ def main(argv=None) -> None:
     )
     # Does the motion label steer the motion? Mean frame-to-frame change per bucket, samples vs training clips.
     data_videos, _, data_motions = make_batch(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + 256), testbed.data_config)
-    sample_motion, data_motion = measured_motion(videos), measured_motion(data_videos)
-    sample_buckets = torch.tensor([m for _, m in labels])
+    sample_motion = motion_per_bucket(videos, [m for _, m in labels])
+    data_motion = motion_per_bucket(data_videos, data_motions)
     print(
         "motion (mean |frame difference|), samples / held-out clips: "
         + ", ".join(
-            f"{name} {sample_motion[sample_buckets == i].mean():.3f} / {data_motion[data_motions == i].mean():.3f}"
-            for i, name in enumerate(MOTION_BUCKET_NAMES)
+            f"{name} {sample:.3f} / {data:.3f}"
+            for name, sample, data in zip(MOTION_BUCKET_NAMES, sample_motion, data_motion)
         )
     )
 
