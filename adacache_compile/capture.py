@@ -1,11 +1,12 @@
 """Capture a model call as a plain, functional fx GraphModule with flat tensor inputs and outputs.
 
-``torch.export.export(strict=False)`` is the only tracer that handles the diffusers video transformers (FINDINGS.md:
-``symbolic_trace`` fails on all of them). The exported program is functionalized (``run_decompositions({})``, so no
-in-place op survives to confuse dead-code elimination or the program split) and rebuilt as a plain GraphModule whose
-parameters are ``get_attr`` nodes shared with the original module: no input-flattening code, no guards node, no
-input hook. The call's pytree structure is kept beside it so a drop-in module can flatten a call and rebuild the
-model's own output type (``Transformer2DModelOutput``, tuples, ...).
+``torch.export.export(strict=False)`` is the only tracer that handles the diffusers video transformers
+(docs/architecture.md, "Findings that shaped it": ``symbolic_trace`` fails on all of them). The exported program is
+functionalized (``run_decompositions({})``, so no in-place op survives to confuse dead-code elimination or the
+program split) and rebuilt as a plain GraphModule whose parameters are ``get_attr`` nodes shared with the original
+module: no input-flattening code, no guards node, no input hook. The call's pytree structure is kept beside it so a
+drop-in module can flatten a call and rebuild the model's own output type (``Transformer2DModelOutput``, tuples,
+...).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError, InputMismatchError
 
-__all__ = ["TensorSpec", "CallSignature", "Captured", "capture", "normalize_call", "call_signature"]
+__all__ = ["InputSpec", "CallSignature", "Captured", "capture", "normalize_call", "call_signature"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ if hasattr(torch.ops.aten, "_assert_scalar"):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class InputSpec:
     """Shape/dtype/device of one flat tensor input; ``None`` marks a dynamic dim, ``ranges`` its (min, max)."""
 
     name: str
@@ -88,7 +89,7 @@ class Captured:
     graph_module: fx.GraphModule
     signature: CallSignature
     out_spec: pytree.TreeSpec
-    input_specs: list[TensorSpec]
+    input_specs: list[InputSpec]
     input_names: list[str]
     output_names: list[str]
     model_class: str
@@ -257,7 +258,7 @@ def _forward_signature(model) -> inspect.Signature | None:
         return None
 
 
-def _tensor_spec(name: str, fake: torch.Tensor, real: torch.Tensor, exported) -> TensorSpec:
+def _tensor_spec(name: str, fake: torch.Tensor, real: torch.Tensor, exported) -> InputSpec:
     shape, ranges = [], {}
     for dim, size in enumerate(fake.shape):
         if isinstance(size, torch.SymInt) and size.node.expr.is_number:
@@ -273,7 +274,7 @@ def _tensor_spec(name: str, fake: torch.Tensor, real: torch.Tensor, exported) ->
             ranges[dim] = (lo, hi)
         else:
             shape.append(int(size))
-    return TensorSpec(name, tuple(shape), real.dtype, real.device, ranges)
+    return InputSpec(name, tuple(shape), real.dtype, real.device, ranges)
 
 
 def _unlift(model: torch.nn.Module, exported) -> fx.GraphModule:

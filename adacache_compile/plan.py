@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["Block", "Stream", "MoRegLayout", "CachePlan", "PassResult", "Programs"]
+__all__ = ["Block", "Stream", "MoRegLayout", "CachePlan", "PassResult", "Programs", "FullResult", "MetricValues"]
 
 
 @dataclass
@@ -73,10 +73,49 @@ class MoRegLayout:
         }
 
 
+@dataclass(frozen=True)
+class MetricValues:
+    """The host's reading of the full program's ``metrics`` vector (one device-to-host copy per computed step).
+
+    The vector is ``[finite (1/0), ||r_prev - r||_p, ||r_prev||_p, (motion num, den) per MoReg stride]``; it is built
+    by :func:`pack_metrics` inside the full program and read back by :meth:`from_vector`, the two ends of one
+    layout."""
+
+    finite: bool
+    diff_norm: float
+    prev_norm: float
+    motion: tuple[tuple[float, float], ...]  # (numerator, denominator) per MoReg stride, in stride order
+
+    @classmethod
+    def from_vector(cls, metrics: torch.Tensor) -> MetricValues:
+        values = metrics.tolist()
+        return cls(values[0] == 1.0, values[1], values[2], tuple(zip(values[3::2], values[4::2])))
+
+
+def pack_metrics(
+    finite: torch.Tensor, diff_norm: torch.Tensor, prev_norm: torch.Tensor, motion: list[tuple[torch.Tensor, ...]]
+) -> torch.Tensor:
+    """The inverse of :meth:`MetricValues.from_vector`, traced into the full program."""
+    return torch.stack([finite.float(), diff_norm, prev_norm, *(part for pair in motion for part in pair)])
+
+
+@dataclass(frozen=True)
+class FullResult:
+    """One call of the full program, decoded: ``full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)``."""
+
+    outputs: tuple[torch.Tensor, ...]
+    deltas: tuple[torch.Tensor, ...]
+    tap: torch.Tensor
+    metrics: torch.Tensor
+
+    def metric_values(self) -> MetricValues:
+        return MetricValues.from_vector(self.metrics)
+
+
 @dataclass
 class Programs:
-    """The two static programs. ``full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)``;
-    ``skip(*inputs, *deltas) -> outputs``."""
+    """The two static programs. ``full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)`` (decode it with
+    :meth:`decode_full`); ``skip(*inputs, *deltas) -> outputs``."""
 
     full: fx.GraphModule
     skip: fx.GraphModule
@@ -85,7 +124,21 @@ class Programs:
     moreg_strides: tuple[int, ...]  # strides whose motion norms the full program emits (empty: none)
     num_outputs: int
     delta_names: list[str]
-    skip_input_indices: list[int]  # which model inputs the skip program still reads
+
+    def decode_full(self, results) -> FullResult:
+        """Split the full program's flat output tuple into outputs, deltas, tap and metrics."""
+        results = tuple(results)
+        n_out, n_deltas = self.num_outputs, len(self.delta_names)
+        if len(results) != n_out + n_deltas + 2:
+            raise ValueError(
+                f"full program returned {len(results)} values; expected {n_out} outputs + {n_deltas} deltas + tap + "
+                "metrics"
+            )
+        return FullResult(results[:n_out], results[n_out : n_out + n_deltas], results[-2], results[-1])
+
+    def zero_tap(self, inputs) -> torch.Tensor:
+        """A zero ``tap_prev`` of the tap's shape for this call (the first computed step has no previous tap)."""
+        return torch.zeros(self.tap_shape(*inputs), dtype=self.tap_dtype, device=inputs[0].device)
 
 
 @dataclass

@@ -57,7 +57,7 @@ class StepRecord:
 
 
 class Schedule:
-    """AdaCache's step schedule for one generation of `num_steps` steps (see ADACACHE.md, "The schedule").
+    """AdaCache's step schedule for one generation of `num_steps` steps (docs/algorithm.md, "The schedule").
 
     Usage per step i = 1..N: `if schedule.is_computed(i)`: run the full program, then `schedule.observe(i, metrics)`;
     else run the skip program and `schedule.mark_skipped(i)`. Call `reset()` (or build a new Schedule) before the
@@ -72,7 +72,8 @@ class Schedule:
     - A step that is due is never skipped: a caller that jumps past `last_computed + rate` gets True.
     - Non-finite metrics (prev_norm == 0, NaN, Inf anywhere the rule reads, including the motion terms inside the
       window) are not used: the record is flagged, rate becomes 1, m_prev is left as it was and the next step is
-      forced. The program still refreshes r_prev on that step, so the next metric compares against it.
+      forced. The runtime also drops the cached deltas and tap on such a step, so the next computed step has no
+      r_prev (``observe(step, None)``): it measures nothing and keeps rate 1.
     """
 
     def __init__(self, config: AdaCacheConfig, num_steps: int) -> None:

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import LatteTransformer3DModel  # noqa: E402
 
-from adacache_compile import AdaCacheConfig, optimize  # noqa: E402
+from adacache_compile import AdaCacheConfig, MoRegConfig, optimize  # noqa: E402
 from adacache_compile.testbed.tiny_models import tiny_model  # noqa: E402
 
 NUM_STEPS = 8
@@ -268,7 +268,7 @@ def test_more_calls_than_num_inference_steps_in_cache_context(cached, caplog):
 def test_skipped_step_runs_skip_program_on_cached_deltas(cached):
     latents, prompt = make_inputs(10)
     session = cached.new_session(NUM_STEPS, name="probe")
-    entry = cached._latest()
+    entry = cached.captures.latest()
     x = latents
     for step, t in enumerate(TIMESTEPS[:4], start=1):
         kwargs = call_kwargs(x, prompt, t)
@@ -315,3 +315,77 @@ def test_model_joining_mid_loop_keeps_the_forced_last_steps(cached):
     cached._reset_stateful_cache()
     assert live["num_steps"] == 8 and live["steps_run"] == 8
     assert live["computed_steps"][-2:] == [7, 8] and live["skipped_steps"]
+
+
+# --- review fixes: disabled config, diffusers' own hooks, MoReg without N, use_config ----------------------------------
+def test_step_honours_a_disabled_config(model):
+    cached = optimize(model, AdaCacheConfig(codebook=((10.0, 3),), enabled=False))
+    latents, prompt = make_inputs(5)
+    session = cached.new_session(NUM_STEPS)
+    kwargs = call_kwargs(latents, prompt, TIMESTEPS[0])
+    with torch.no_grad():
+        want = model(**kwargs)[0]
+    got = cached.step(session, **kwargs)[0]
+    assert torch.equal(got, want)
+    assert session.step == 0 and not cached.captures.entries, (
+        "a disabled config runs the original model, nothing captured"
+    )
+
+
+def test_diffusers_cache_hooks_on_the_cached_module_are_refused(model):
+    from diffusers import FirstBlockCacheConfig
+
+    from adacache_compile.errors import AdaCacheError
+
+    cached = optimize(model, SKIPPING)
+    with pytest.raises(AdaCacheError, match=r"enable_cache: diffusers' cache hooks would hook the wrapped "):
+        cached.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    assert not model.is_cache_enabled, "the wrapped model was left unhooked"
+    assert cached.config is model.config, "other attributes still read through to the wrapped model"
+
+
+def _fallback_generation(cached, seed: int) -> None:
+    """Calls without a pipeline, generation() or session: the runtime infers generations from the timestep."""
+    latents, prompt = make_inputs(seed)
+    denoise(lambda kw: cached(**kw), latents, prompt)
+
+
+def test_moreg_with_a_fractional_window_and_unknown_n_warns_once_and_is_off(model, caplog):
+    moreg = AdaCacheConfig(codebook=((10.0, 3),), moreg=MoRegConfig())  # the default window: fractions of N
+    cached = optimize(model, moreg)
+    with caplog.at_level(logging.WARNING, logger="adacache_compile"):
+        _fallback_generation(cached, 6)
+        _fallback_generation(cached, 7)
+    cached.reset()
+    warnings = [r for r in caplog.records if "N is unknown, so MoReg is off" in r.getMessage()]
+    assert len(warnings) == 1
+    history = cached.stats["history"]
+    assert len(history) == 2 and history[0]["num_steps"] is None
+    assert all(r["moreg_factor"] is None for h in history for r in h["records"])
+
+    known = optimize(model, moreg, num_steps=NUM_STEPS)
+    _fallback_generation(known, 6)
+    known.reset()
+    records = known.stats["history"][0]["records"]
+    assert any(r["moreg_factor"] is not None for r in records), "with N known MoReg acts inside its window"
+
+
+def test_use_config_keeps_captures_for_host_side_changes_and_recaptures_for_program_changes(model):
+    cached = optimize(model, SKIPPING)
+    latents, prompt = make_inputs(8)
+    in_generation(cached, latents, prompt)
+    entry = cached.captures.latest()
+
+    every_other = AdaCacheConfig(codebook=((10.0, 2),))
+    cached.use_config(every_other)
+    assert cached.captures.entries == [entry], "a codebook change needs no new capture"
+    got = in_generation(cached, latents, prompt)
+    assert cached.stats["history"][-1]["computed_steps"] == [1, 2, 4, 6, 7, 8]
+    assert_all_equal(got, in_generation(optimize(model, every_other), latents, prompt))
+
+    other_region = AdaCacheConfig(codebook=((10.0, 2),), region=(1, 4))
+    cached.use_config(other_region)
+    assert cached.captures.entries == [], "a region change drops the captures"
+    got = in_generation(cached, latents, prompt)
+    assert cached.plan.region != entry.plan.region
+    assert_all_equal(got, in_generation(optimize(model, other_region), latents, prompt))

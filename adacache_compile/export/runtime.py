@@ -1,8 +1,8 @@
 """The runtime of an export directory: the cached module's call signature, Schedule and Sessions over ONNX/TensorRT.
 
-:class:`ExportedTransformer` is a :class:`~adacache_compile.runtime.CachedTransformer` whose one entry runs the
-exported programs (``OrtProgram`` or ``TrtProgram``) instead of fx GraphModules; the schedule, sessions,
-``generation()``, ``cache_context()`` and ``stats`` are the torch runtime's own. A call is checked against the
+:class:`ExportedTransformer` is a :class:`~adacache_compile.runtime.ProgramRuntime` over one fixed capture
+(:class:`ExportedCapture`) whose programs are the exported ones (``OrtProgram`` or ``TrtProgram``) instead of fx
+GraphModules; the schedule, sessions, ``generation()``, ``cache_context()`` and ``stats`` are the torch runtime's own. A call is checked against the
 manifest before any program runs: structure and non-tensor arguments, rank, static dims, dtype, device, every dynamic
 dim inside its profile range and dims sharing an axis name equal (``InputMismatchError`` naming the input and axis).
 """
@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ..capture import CallSignature, Captured
-from ..capture import TensorSpec as InputSpec
+from ..capture import CallSignature, Captured, InputSpec
+from ..capture_cache import CompiledEntry
 from ..config import AdaCacheConfig
 from ..errors import ArtifactError, InputMismatchError
 from ..plan import Block, CachePlan, MoRegLayout, Programs
-from ..runtime import CachedTransformer, CompiledEntry
+from ..runtime import ProgramRuntime
 
-__all__ = ["ExportedCall", "ExportedTransformer"]
+__all__ = ["ExportedCall", "ExportedCapture", "ExportedTransformer"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +86,43 @@ class _AttributeDict(dict):
             raise AttributeError(name) from None
 
 
-class ExportedTransformer(CachedTransformer):
+class ExportedCapture:
+    """The capture source of an exported runtime: one fixed capture, no re-capture, no source model to fall back
+    to (see :mod:`adacache_compile.capture_cache` for the methods a runtime reads)."""
+
+    def __init__(self, entry: CompiledEntry, source: Path):
+        self.entry = entry
+        self.source = source
+        self.entries = [entry]
+
+    def latest(self) -> CompiledEntry:
+        return self.entry
+
+    def lookup(self, args, kwargs, config) -> tuple[CompiledEntry, list[torch.Tensor]]:
+        # flatten() raises InputMismatchError naming the input for a call the exported profile cannot serve.
+        return self.entry, self.entry.captured.flatten(args, kwargs)
+
+    def bypass_reason(self, args, kwargs) -> str | None:
+        return None  # the exported programs carry no autograd and no training mode
+
+    def run_uncached(self, args, kwargs):
+        """Caching disabled: the full program on every call."""
+        entry, inputs = self.lookup(args, kwargs, None)
+        programs = entry.programs
+        return entry.captured.unflatten(
+            programs.decode_full(entry.run_full(*inputs, programs.zero_tap(inputs))).outputs
+        )
+
+
+class ExportedTransformer(ProgramRuntime):
     """Drop-in runtime of an export directory (see :func:`adacache_compile.export.load`)."""
 
     def __init__(self, manifest, programs: dict[str, Any], *, backend: str, source: Path):
-        runtime = manifest.runtime
-        super().__init__(_ExportedModel(manifest.model), AdaCacheConfig.from_dict(manifest.config))
-        self.backend = backend
+        captures = ExportedCapture(_entry(manifest, manifest.runtime, programs), Path(source))
+        super().__init__(_ExportedModel(manifest.model), captures, AdaCacheConfig.from_dict(manifest.config))
         self.manifest = manifest
+        self.backend = backend
         self.source = Path(source)
-        self._entries.append(_entry(manifest, runtime, programs))
 
     def __repr__(self) -> str:
         return f"ExportedTransformer({self.manifest.runtime['model_class']}, backend={self.backend!r}, {self.source})"
@@ -104,27 +131,10 @@ class ExportedTransformer(CachedTransformer):
         """The plan of the model the programs were exported from, as ``CachePlan.describe()`` printed it."""
         return self.manifest.runtime.get("describe", "")
 
-    def _runs_uncached(self, args, kwargs) -> bool:
-        return False  # no source model to fall back to; the exported programs carry no autograd or training mode
-
-    def capture(self, args: tuple = (), kwargs: dict | None = None) -> CompiledEntry:
-        raise InputMismatchError(f"{self.source}: an exported runtime cannot capture; re-export for a new signature")
-
-    def _entry_for(self, args, kwargs) -> tuple[CompiledEntry, list[torch.Tensor]]:
-        entry = self._entries[-1]
-        return entry, entry.captured.flatten(args, kwargs)
-
-    def forward(self, *args, **kwargs):
-        if self.adacache_config.enabled:
-            return super().forward(*args, **kwargs)
-        entry, inputs = self._entry_for(args, kwargs)  # no caching: the full program on every call
-        programs = entry.programs
-        tap_prev = torch.zeros(programs.tap_shape(*inputs), dtype=programs.tap_dtype, device=inputs[0].device)
-        return entry.captured.unflatten(entry.run_full(*inputs, tap_prev)[: programs.num_outputs])
-
 
 def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> CompiledEntry:
-    from . import TapShape, forward_signature_from
+    from .axes import TapShape
+    from .signature import forward_signature_from
 
     where = "manifest.json"
     try:
@@ -176,7 +186,6 @@ def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> Compi
                 moreg_strides=tuple(runtime["moreg_strides"]),
                 num_outputs=int(runtime["num_outputs"]),
                 delta_names=list(runtime["delta_names"]),
-                skip_input_indices=list(range(len(input_specs))),
             ),
         )
     except (KeyError, TypeError, ValueError) as e:

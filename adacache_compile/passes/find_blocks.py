@@ -10,7 +10,6 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from ..plan import Block, CachePlan, PassResult
-from ._utils import module_path_of
 
 __all__ = ["find_blocks"]
 
@@ -123,11 +122,3 @@ def _select_region(plan: CachePlan) -> list[Block]:
             f"({plan.all_blocks[0].name} .. {plan.all_blocks[-1].name})"
         )
     return chosen
-
-
-def block_of(node: fx.Node, plan: CachePlan) -> str | None:
-    names = {b.name for b in plan.all_blocks}
-    for path in module_path_of(node):
-        if path in names:
-            return path
-    return None

@@ -1,9 +1,10 @@
 """Move values that leak out of the cached region, but do not depend on the residual stream, in front of it.
 
-Example (FINDINGS.md): Wan computes ``temb.float()`` inside ``blocks.0`` and later code reads it. Such a value must
-exist in the skip program, which runs no block, so it is computed before the region instead. Symbolic sizes read
-off region tensors are rebuilt from the graph inputs. A leaking value that does depend on the stream cannot be
-reused from a cache without changing the model's function, so it is refused with the node and block named.
+Example (docs/architecture.md, "Findings that shaped it"): Wan computes ``temb.float()`` inside ``blocks.0`` and
+later code reads it. Such a value must exist in the skip program, which runs no block, so it is computed before the
+region instead. Symbolic sizes read off region tensors are rebuilt from the graph inputs. A leaking value that does
+depend on the stream cannot be reused from a cache without changing the model's function, so it is refused with the
+node and block named.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import PassError
-from ..plan import CachePlan, PassResult, Programs, Stream
+from ..plan import CachePlan, PassResult, Programs, Stream, pack_metrics
 from ._utils import SymbolTable, clean_up_graph
 
 __all__ = ["split_programs", "adacache_metrics"]
@@ -36,25 +36,25 @@ def adacache_metrics(
     frame_axis: int,
     strides: tuple[int, ...],
 ) -> torch.Tensor:
-    """One float32 vector the host reads once per computed step:
+    """One float32 vector the host reads once per computed step (layout: :class:`~adacache_compile.plan.MetricValues`):
     ``[all deltas and tap finite (1/0), ||r_prev - r||_p, ||r_prev||_p, (motion num, den) per MoReg stride]``."""
     r = tap.float()
     r_prev = tap_prev.float()
     finite = torch.stack([torch.isfinite(t).all() for t in (tap, *deltas)]).all()
-    parts = [
-        finite.float(),
-        torch.linalg.vector_norm(r_prev - r, ord=norm_ord),
-        torch.linalg.vector_norm(r_prev, ord=norm_ord),
-    ]
+    motion = []
     if view_shape is not None:
         frames = r.reshape(view_shape)
         length = frames.shape[frame_axis]
         for k in strides:
             later = frames.narrow(frame_axis, k, length - k)
             earlier = frames.narrow(frame_axis, 0, length - k)
-            parts.append((later - earlier).abs().sum())
-            parts.append(later.abs().sum() + earlier.abs().sum())
-    return torch.stack(parts)
+            motion.append(((later - earlier).abs().sum(), later.abs().sum() + earlier.abs().sum()))
+    return pack_metrics(
+        finite,
+        torch.linalg.vector_norm(r_prev - r, ord=norm_ord),
+        torch.linalg.vector_norm(r_prev, ord=norm_ord),
+        motion,
+    )
 
 
 def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
@@ -71,7 +71,6 @@ def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
         moreg_strides=_moreg_strides(plan),
         num_outputs=num_outputs,
         delta_names=[f"delta_{s.name}" for s in plan.streams],
-        skip_input_indices=[i for i, n in enumerate(_placeholders(skip)[: len(_placeholders(gm))]) if n.users],
     )
     _check_skip_is_free_of_region(skip, plan)
     logger.info(

@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 
 def tap_metric(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
-    """The reference reads the gated self-attention residual of one mid-depth block (ADACACHE.md): here, the
-    residual operand of the first stream add inside the chosen block."""
+    """The reference reads the gated self-attention residual of one mid-depth block (docs/algorithm.md, "The metric
+    tap"): here, the residual operand of the first stream add inside the chosen block."""
     block = _tap_block(plan)
     block_nodes = set(block.nodes)
     adds = sorted(

@@ -1,0 +1,285 @@
+"""Sessions: the per-generation, per-branch state of the schedule, which call belongs to which, and the step itself.
+
+A :class:`Session` holds one generation's :class:`~adacache_compile.schedule.Schedule`, its step counter and the
+cached deltas and tap. :class:`Sessions` routes each call to one, in this order of precedence:
+
+1. inside ``with generation(num_steps=N):`` every call is the next step of that generation;
+2. inside diffusers' ``cache_context("cond"/"uncond", step_index=..., num_inference_steps=...)`` the branch name keys
+   the session and ``step_index`` restarting (or N changing) starts a new generation;
+3. otherwise steps are counted per call, and a rising timestep starts a new generation; N is then the one given to
+   ``optimize(num_steps=...)`` or unknown (:data:`UNKNOWN_NUM_STEPS`: the forced last steps N-1 and N are never
+   reached, and a MoReg window given as fractions of N cannot be placed, so MoReg is off, with a warning).
+
+:func:`run_step` runs one step of a session on one capture: the skip program with the cached deltas, or the full
+program, whose metrics the schedule reads (the one host read of a computed step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import AdaCacheConfig
+from .schedule import Schedule, StepMetrics
+
+__all__ = ["Session", "Sessions", "run_step", "UNKNOWN_NUM_STEPS"]
+
+logger = logging.getLogger(__name__)
+
+# Stand-in for N when nothing tells it: forced steps N-1 and N are then never reached.
+UNKNOWN_NUM_STEPS = 1_000_000
+
+
+@dataclass
+class Session:
+    """Per-generation, per-branch state: step counter, schedule, cached deltas and the previous computed step's tap."""
+
+    name: str
+    num_steps: int
+    schedule: Schedule
+    step: int = 0
+    deltas: tuple[torch.Tensor, ...] | None = None
+    tap_value: torch.Tensor | None = None  # the tap tensor of the last computed step (the metric's r_prev)
+    input_key: tuple | None = None
+    last_timestep: float | None = None
+    last_step_index: int | None = None
+    pipeline_num_steps: int | None = None  # N the pipeline announced (cache_context), when it differs from num_steps
+    force_next: bool = False
+    region_fraction: float = 1.0  # share of the blocks the capture's region holds (for block_compute_saved)
+    events: list[str] = field(default_factory=list)
+    nonfinite_steps: list[int] = field(default_factory=list)
+
+    def cache_bytes(self) -> int:
+        tensors = list(self.deltas or ()) + ([self.tap_value] if self.tap_value is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def clear_cache(self) -> None:
+        self.deltas = None
+        self.tap_value = None
+        self.input_key = None
+
+    def stats(self) -> dict[str, Any]:
+        sched = self.schedule
+        done = len(sched.computed_steps) + len(sched.skipped_steps)
+        return {
+            "num_steps": None if self.num_steps == UNKNOWN_NUM_STEPS else self.num_steps,
+            "steps_run": done,
+            "computed_steps": list(sched.computed_steps),
+            "skipped_steps": list(sched.skipped_steps),
+            "records": [vars(r).copy() for r in sched.records],
+            "block_compute_saved": (len(sched.skipped_steps) / done * self.region_fraction) if done else 0.0,
+            "nonfinite_steps": list(self.nonfinite_steps),
+            "events": list(self.events),
+            "cache_bytes": self.cache_bytes(),
+            "cached_tensors": len(self.deltas or ()) + (1 if self.tap_value is not None else 0),
+        }
+
+
+class _Context(threading.local):
+    def __init__(self):
+        self.name: str | None = None
+        self.step_index: int | None = None
+        self.num_steps: int | None = None
+        self.session: Session | None = None
+
+
+class Sessions:
+    """The live sessions of one cached module, the routing of calls to them and the finished generations' stats.
+
+    ``config`` and ``num_steps`` (N when no pipeline or ``generation()`` tells it) are read when a session starts, so
+    the owner may change them between generations."""
+
+    def __init__(self, config: AdaCacheConfig, num_steps: int | None = None):
+        self.config = config
+        self.num_steps = num_steps
+        self._live: dict[str, Session] = {}
+        self._history: list[tuple[str, dict]] = []
+        self._ctx = _Context()
+        self._lock = threading.RLock()
+        self._warned_moreg_without_n = False
+
+    # --- how calls name their session ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """diffusers' hook protocol: names the branch (``"cond"``/``"uncond"``) and the step of the next calls."""
+        ctx = self._ctx
+        saved = (ctx.name, ctx.step_index, ctx.num_steps)
+        ctx.name = name
+        ctx.step_index = kwargs.get("step_index")
+        ctx.num_steps = kwargs.get("num_inference_steps")
+        try:
+            yield
+        finally:
+            ctx.name, ctx.step_index, ctx.num_steps = saved
+
+    @contextlib.contextmanager
+    def generation(self, num_steps: int, name: str = "generation"):
+        """All calls inside run as one generation of ``num_steps`` steps, one call per step (batched CFG shares it)."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"generation(num_steps={num_steps!r}): expected an int >= 1")
+        session = self.new_session(num_steps, name)
+        saved = self._ctx.session
+        self._ctx.session = session
+        try:
+            yield session
+        finally:
+            self._ctx.session = saved
+            self._retire(session)
+
+    def new_session(self, num_steps: int | None, name: str = "session") -> Session:
+        n = num_steps or self.num_steps
+        return Session(name=name, num_steps=n or UNKNOWN_NUM_STEPS, schedule=self._schedule(n, name))
+
+    def reset(self) -> None:
+        """Every branch starts clean: the live sessions are retired (their stats go to ``history``)."""
+        with self._lock:
+            for session in self._live.values():
+                self._retire(session)
+            self._live.clear()
+
+    # --- routing ---------------------------------------------------------------------------------------------------
+    def for_call(self, timestep: Callable[[], float | None]) -> Session:
+        """The session the current call belongs to. ``timestep()`` reads the call's timestep, for the fallback of
+        rule 3 only (a host read)."""
+        ctx = self._ctx
+        if ctx.session is not None:
+            session = ctx.session
+            if session.step >= session.num_steps:
+                self._overrun(session, f"generation {session.name!r}")
+                self._restart(session)
+            return session
+        name = ctx.name or "default"
+        with self._lock:
+            if ctx.step_index is not None:
+                return self._for_pipeline_step(name, ctx.step_index, ctx.num_steps or self.num_steps)
+            session = self._live.get(name)
+            timestep = timestep()
+            starts_new = (
+                session is None
+                or session.step >= session.num_steps
+                or (timestep is not None and session.last_timestep is not None and timestep > session.last_timestep)
+            )
+            if starts_new:
+                session = self._replace(name, session, None)
+            session.last_timestep = timestep
+            return session
+
+    def _for_pipeline_step(self, name: str, step_index: int, n: int | None) -> Session:
+        session = self._live.get(name)
+        # Past N without a restart of step_index (a pipeline that calls more often than it said): a new generation,
+        # as in generation(), never a step beyond the schedule.
+        overrun = session is not None and session.step >= session.num_steps
+        if overrun and step_index != 0:
+            self._overrun(session, f"branch {name!r} (step_index={step_index})")
+        if (
+            overrun
+            or session is None
+            or step_index == 0
+            or (session.last_step_index is not None and step_index <= session.last_step_index)
+            or (n is not None and session.pipeline_num_steps != n)
+        ):
+            # A model that joins mid-loop (Wan 2.2's low-noise transformer_2 from the boundary step on) runs the
+            # remaining n - step_index steps: its schedule ends, with the forced last steps, where the pipeline's does.
+            remaining = n - step_index if n is not None and 0 < step_index < n else n
+            session = self._replace(name, session, remaining)
+            session.pipeline_num_steps = n
+        session.last_step_index = step_index
+        return session
+
+    def _replace(self, name: str, session: Session | None, num_steps: int | None) -> Session:
+        if session is not None:
+            self._retire(session)
+        session = self._live[name] = self.new_session(num_steps, name)
+        return session
+
+    def _overrun(self, session: Session, what: str) -> None:
+        session.events.append(f"call {session.step + 1} > num_steps={session.num_steps}: new generation")
+        logger.warning("%s: more calls than num_steps=%d; starting a new generation", what, session.num_steps)
+
+    def _restart(self, session: Session) -> None:
+        self._retire(session)
+        num_steps = None if session.num_steps == UNKNOWN_NUM_STEPS else session.num_steps
+        session.schedule = self._schedule(num_steps, session.name)
+        session.step = 0
+        session.force_next = False
+
+    def _retire(self, session: Session) -> None:
+        if session.schedule.computed_steps or session.schedule.skipped_steps:
+            self._history.append((session.name, session.stats()))
+        session.clear_cache()
+
+    def _schedule(self, num_steps: int | None, name: str) -> Schedule:
+        config = self.config
+        if num_steps is None and config.moreg is not None and not all(isinstance(e, int) for e in config.moreg.window):
+            if not self._warned_moreg_without_n:
+                self._warned_moreg_without_n = True
+                logger.warning(
+                    "session %r: the MoReg window %s is given as fractions of N, but N is unknown, so MoReg is off; "
+                    "pass optimize(..., num_steps=N), run inside generation(num_steps=N), use a diffusers pipeline "
+                    "(apply) or give MoRegConfig.window in absolute steps",
+                    name,
+                    list(config.moreg.window),
+                )
+            config = dataclasses.replace(config, moreg=None)
+        return Schedule(config, num_steps or UNKNOWN_NUM_STEPS)
+
+    # --- stats -----------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per branch: the live sessions, plus finished generations under ``history``."""
+        with self._lock:
+            live = {name: s.stats() for name, s in self._live.items()}
+            return {**live, "history": [{"branch": name, **st} for name, st in self._history]}
+
+
+def run_step(session: Session, entry, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """One denoising step of ``session`` on ``entry`` (a :class:`~adacache_compile.capture_cache.CompiledEntry`):
+    the flat outputs of the skip or the full program."""
+    session.step += 1
+    step = session.step
+    key = (id(entry), tuple(tuple(t.shape) for t in inputs), tuple(t.device for t in inputs))
+    sched = session.schedule
+    plan = entry.plan
+    session.region_fraction = len(plan.region_blocks) / max(1, len(plan.all_blocks))
+    if session.deltas is not None and session.input_key != key:
+        session.events.append(f"step {step}: input signature changed mid-generation; computing in full")
+        logger.warning("session %r step %d: input signature changed; recomputing", session.name, step)
+        session.clear_cache()
+    if session.deltas is not None and not session.force_next and not sched.is_computed(step):
+        sched.mark_skipped(step)
+        return tuple(entry.run_skip(*inputs, *session.deltas))
+    programs = entry.programs
+    had_tap = session.tap_value is not None
+    tap_prev = session.tap_value if had_tap else programs.zero_tap(inputs)
+    result = programs.decode_full(entry.run_full(*inputs, tap_prev))
+    values = result.metric_values()  # the one host read of a computed step
+    session.force_next = False
+    if not values.finite:
+        nan = float("nan")
+        record = sched.observe(step, StepMetrics(nan, nan, values.motion) if had_tap else None)
+        _nonfinite(session, step, "a delta or the tap holds NaN/Inf", warn=not record.nonfinite)
+        return result.outputs
+    metrics = StepMetrics(values.diff_norm, values.prev_norm, values.motion) if had_tap else None
+    if sched.observe(step, metrics).nonfinite:
+        _nonfinite(session, step, "the metric is NaN/Inf", warn=False)
+        return result.outputs
+    session.deltas, session.tap_value, session.input_key = result.deltas, result.tap, key
+    if step >= session.num_steps:
+        session.clear_cache()  # the generation is over; free its buffers
+    return result.outputs
+
+
+def _nonfinite(session: Session, step: int, why: str, *, warn: bool) -> None:
+    """Drop the cache and force the next step; ``warn=False`` where the schedule has already warned."""
+    if warn and not session.nonfinite_steps:
+        logger.warning("session %r step %d: %s; this and the next step are computed in full", session.name, step, why)
+    session.nonfinite_steps.append(step)
+    session.events.append(f"step {step}: {why}; cache dropped")
+    session.clear_cache()
+    session.force_next = True
