@@ -21,7 +21,6 @@ from adacache_compile.export.manifest import (  # noqa: E402
     Manifest,
     ProgramSpec,
     TensorSpec,
-    atomic_write_bytes,
     hash_artifacts,
     library_versions,
     model_fingerprint,
@@ -36,6 +35,7 @@ from adacache_compile.export.onnx_export import (  # noqa: E402
     onnx_artifact_files,
 )
 from adacache_compile.export.ort_backend import OrtProgram  # noqa: E402
+from adacache_compile.export.staging import atomic_write_bytes  # noqa: E402
 from adacache_compile.export.trt_check import check_onnx_for_tensorrt, format_findings  # noqa: E402
 
 BATCH = torch.export.Dim("batch")

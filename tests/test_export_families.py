@@ -99,14 +99,18 @@ def test_onnxruntime_parity_of_full_and_skip(exported):
     actual_full = OrtProgram(out_dir / "full.onnx", providers=["CPUExecutionProvider"])(*examples["full"])
     actual_skip = OrtProgram(out_dir / "skip.onnx", providers=["CPUExecutionProvider"])(*examples["skip"])
     assert len(actual_full) == len(expected_full) and len(actual_skip) == len(expected_skip)
-    delta_slice = slice(cached.plan.programs.num_outputs, len(expected_full) - 2)
-    tolerances = [RTOL] * len(expected_full)
-    tolerances[delta_slice] = [DELTA_RTOL] * len(range(len(expected_full))[delta_slice])
-    for actual, expected, rtol in zip(
-        actual_full + actual_skip, tuple(expected_full) + tuple(expected_skip), tolerances + [RTOL] * len(expected_skip)
-    ):
-        assert actual.shape == expected.shape
-        assert _relative_error(actual, expected) <= rtol
+    programs = cached.plan.programs
+    actual, expected = programs.decode_full(actual_full), programs.decode_full(expected_full)
+    pairs = [
+        *((a, e, RTOL) for a, e in zip(actual.outputs, expected.outputs)),
+        *((a, e, DELTA_RTOL) for a, e in zip(actual.deltas, expected.deltas)),
+        (actual.tap, expected.tap, RTOL),
+        (actual.metrics, expected.metrics, RTOL),
+        *((a, e, RTOL) for a, e in zip(actual_skip, expected_skip)),
+    ]
+    for a, e, rtol in pairs:
+        assert a.shape == e.shape
+        assert _relative_error(a, e) <= rtol
 
 
 def test_tensorrt_check_finds_no_errors_and_the_documented_warnings(exported):

@@ -52,7 +52,7 @@ def adacache_warnings(caplog) -> list[logging.LogRecord]:
 )
 def test_bad_input_is_named_with_its_expected_shape_before_any_program_runs(dit, monkeypatch, bad, why):
     _, kwargs, cached = dit
-    entry = cached._entries[-1]
+    entry = cached.captures.latest()
     ran = []
     monkeypatch.setattr(entry, "run_full", lambda *a: ran.append("full"))
     monkeypatch.setattr(entry, "run_skip", lambda *a: ran.append("skip"))
@@ -60,7 +60,7 @@ def test_bad_input_is_named_with_its_expected_shape_before_any_program_runs(dit,
         cached(**dict(kwargs, hidden_states=bad(kwargs["hidden_states"])))
     assert isinstance(e.value.__cause__, CaptureError), "the failed re-capture is chained"
     assert not ran
-    assert cached._entries == [entry], "a failed re-capture leaves no entry behind"
+    assert cached.captures.entries == [entry], "a failed re-capture leaves no entry behind"
 
 
 def test_a_legitimately_new_signature_is_captured(dit):
@@ -69,7 +69,7 @@ def test_a_legitimately_new_signature_is_captured(dit):
     with torch.no_grad():
         expected = model(**float_timestep)[0]
     assert_close(cached(**float_timestep)[0], expected)
-    assert len(cached._entries) == 2
+    assert len(cached.captures.entries) == 2
 
 
 def test_batch_change_on_a_skip_step_recomputes_instead_of_adding_a_foreign_delta(dit):
@@ -79,7 +79,7 @@ def test_batch_change_on_a_skip_step_recomputes_instead_of_adding_a_foreign_delt
         for _ in range(SKIPPED_STEP - 1):
             cached(**kwargs)
         output = cached(**one)[0]
-        stats = session.stats(1.0)
+        stats = session.stats()
     with torch.no_grad():
         expected = model(**one)[0]
     assert output.shape == expected.shape
@@ -119,7 +119,7 @@ def test_nonfinite_cache_is_never_reused(dit, caplog, source):
         for step in range(1, num_steps + 1):
             outputs[step] = cached(**call_kwargs(step in poisoned_steps))[0]
         call_kwargs(False)
-        stats = session.stats(1.0)
+        stats = session.stats()
     assert stats["nonfinite_steps"] == list(poisoned_steps)
     assert sum("NaN/Inf" in event for event in stats["events"]) == len(poisoned_steps)
     for step in poisoned_steps:
@@ -145,7 +145,7 @@ def _cache_stats(depth: int) -> tuple[dict, int]:
     with cached.generation(num_steps=NUM_STEPS) as session:
         for _ in range(3):
             cached(**kwargs)
-        return session.stats(1.0), len(cached.programs.delta_names)
+        return session.stats(), len(cached.programs.delta_names)
 
 
 def test_cache_memory_does_not_grow_with_depth():
@@ -187,12 +187,28 @@ def test_manifest_without_gpu_record_is_checked_for_what_it_records(caplog):
         check_engine_environment({"tensorrt": "9.0"}, BUILT, "export")
 
 
-def test_gpu_versions_describe_this_machine():
-    versions = gpu_versions()
-    if torch.cuda.is_available():
-        assert set(versions) == {"gpu", "compute_capability"}
-    else:
-        assert versions == {}
+def test_engine_environment_recorded_here_round_trips_and_is_refused_elsewhere(tmp_path, caplog):
+    from adacache_compile.export.manifest import (
+        ENGINE_ENVIRONMENT,
+        Manifest,
+        library_versions,
+        read_manifest,
+        write_manifest,
+    )
+
+    here = {**library_versions(), **gpu_versions()}  # what build_engines records and load compares with
+    assert all(isinstance(v, str) for v in here.values())
+    if not torch.cuda.is_available():
+        assert not set(gpu_versions()), "no CUDA GPU: a manifest written here must not claim one"
+    write_manifest(tmp_path, Manifest(config={}, programs={}, versions=here))
+    recorded = read_manifest(tmp_path).versions
+    with caplog.at_level(logging.WARNING):
+        check_engine_environment(recorded, here, "here")  # the machine that built the engines runs them
+    unchecked = {key for key in ENGINE_ENVIRONMENT if f"the {key} the engines" in caplog.text}
+    assert unchecked == set(ENGINE_ENVIRONMENT) - set(here), "only what this machine lacks goes unchecked"
+    for key in ENGINE_ENVIRONMENT:
+        with pytest.raises(ArtifactError, match=f"built for {key} 'elsewhere'"):
+            check_engine_environment({**recorded, key: "elsewhere"}, here, "here")
 
 
 @pytest.fixture(scope="module")
@@ -244,20 +260,38 @@ def test_truncated_onnx_with_a_matching_hash_is_refused(exported, tmp_path):
         load(out_dir)
 
 
-def test_tensorrt_load_refuses_engines_built_elsewhere(exported, tmp_path):
-    from adacache_compile.export import load
+@pytest.mark.parametrize(
+    ("built", "why"),
+    [
+        ({"tensorrt": "0.0.1"}, "built with tensorrt 0.0.1, tensorrt 10.3.0 is installed; rebuild them"),
+        ({"gpu": "Imaginary GPU"}, "built for gpu 'Imaginary GPU', this machine has gpu 'NVIDIA H100'.*rebuild"),
+        ({"compute_capability": "1.0"}, "built for compute_capability '1.0', this machine has .* '9.0'.*rebuild"),
+    ],
+)
+def test_tensorrt_load_refuses_engines_built_elsewhere(exported, tmp_path, monkeypatch, built, why):
+    from adacache_compile.export import load, loader, manifest
+    from adacache_compile.export import tensorrt as trt_export
     from adacache_compile.export.manifest import sha256_file
+
+    here = {"tensorrt": "10.3.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
 
     def fake_engines(out_dir, manifest):
         for name in ("full", "skip"):
             (out_dir / f"{name}.plan").write_bytes(b"not an engine")
             manifest["files"][f"{name}.plan"] = sha256_file(out_dir / f"{name}.plan")
         manifest["runtime"]["engines"] = {"full": "full.plan", "skip": "skip.plan"}
-        manifest["versions"].update(tensorrt="0.0.1", gpu="Imaginary GPU", compute_capability="1.0")
+        manifest["versions"].update(here, **built)
 
     out_dir = _copy_with(exported, tmp_path, fake_engines)
-    with pytest.raises(ArtifactError, match="tensorrt"):
+    # This machine, as load sees it: TensorRT 10.3.0 on an H100 (whatever this test runs on).
+    for module in (loader, manifest):
+        monkeypatch.setattr(module, "library_versions", lambda: {"tensorrt": here["tensorrt"]})
+    monkeypatch.setattr(loader, "gpu_versions", lambda: {k: here[k] for k in ("gpu", "compute_capability")})
+    loaded = []
+    monkeypatch.setattr(trt_export, "load_trt_programs", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ArtifactError, match=why):
         load(out_dir, backend="tensorrt")
+    assert not loaded, "refused before any engine is deserialised"
 
 
 # --- misuse ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 The manifest records the AdaCache config, every program's I/O (names, shapes, dtypes, dynamic axes and role), the
 MoReg layout, the profile ranges of the dynamic axes, the sha256 of every artifact file, a fingerprint of the source
 model and the library versions. ``verify_artifacts`` refuses a directory whose files do not match it.
+
+An export made by ``to_onnx`` (:class:`ExportManifest`) adds a ``runtime`` section, what a runtime needs to rebuild
+calls: the call's pytree in/out specs (``treespec_dumps``), the non-tensor constants of the captured call, the forward
+signature (to bind positional and keyword spellings the way capture did), ``num_outputs``, delta names, the tap dtype,
+the block names, the tap shape as a tiny op list over input dims (see ``axes.TapShape``; no eval of manifest text) and,
+after ``build_engines``, the engine files and their precision.
 """
 
 from __future__ import annotations
@@ -12,32 +18,32 @@ import hashlib
 import json
 import logging
 import os
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from ..errors import ArtifactError
+from .staging import atomic_write_text
 
 __all__ = [
     "ENGINE_SUFFIXES",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "ROLES",
+    "ExportManifest",
     "Manifest",
     "ProgramSpec",
     "TensorSpec",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "check_engine_environment",
     "gpu_versions",
     "hash_artifacts",
     "library_versions",
     "model_fingerprint",
+    "read_export_manifest",
     "read_manifest",
     "sha256_file",
     "verify_artifacts",
@@ -132,41 +138,11 @@ class Manifest:
             raise ArtifactError(f"{source}: malformed manifest: {e}") from e
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass
+class ExportManifest(Manifest):
+    """:class:`Manifest` plus ``runtime``: what a runtime needs to rebuild calls (see the module docstring)."""
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
-    """Write ``data`` (bytes, or a callable that writes to the open binary file) to ``path`` so that readers see
-    either the old file or the complete new one: temporary name in the same directory, fsync, ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(temporary, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    runtime: dict[str, Any] = field(default_factory=dict)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -204,6 +180,16 @@ def read_manifest(out_dir: str | os.PathLike, cls: type[Manifest] | None = None)
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return (cls or Manifest).from_dict(data, source=str(path))
+
+
+def read_export_manifest(out_dir: str | os.PathLike) -> ExportManifest:
+    """The manifest of a ``to_onnx`` export directory, or ArtifactError (also when it has no ``runtime`` section)."""
+    manifest = read_manifest(out_dir, ExportManifest)
+    if not isinstance(manifest.runtime, dict) or not manifest.runtime:
+        raise ArtifactError(
+            f"{Path(out_dir) / MANIFEST_NAME}: malformed manifest: no 'runtime' section (not written by to_onnx?)"
+        )
+    return manifest
 
 
 def verify_artifacts(

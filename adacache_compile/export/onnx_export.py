@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.fx
 
 from ..errors import ArtifactError
+from .staging import publish, staging_dir
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -366,11 +365,6 @@ def _rename_dims(model, input_names: Sequence[str], dynamic_axes: dict[str, dict
             value.shape = ir.Shape([rename(d) for d in value.shape.dims])
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _external_data_name(path: Path) -> str:
     return f"{path.name}.data"
 
@@ -428,23 +422,16 @@ def export_program(
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     data_name = _external_data_name(path)
-    try:
+    with staging_dir(path) as staging:
         staged = staging / path.name
         onnx_ir.save(model, staged, external_data=data_name if external_data else None)
         onnx.checker.check_model(str(staged))
         staged_data = staging / data_name
         # onnx_ir keeps tensors under its size threshold inline, so the data file may be empty.
         if staged_data.exists() and staged_data.stat().st_size > 0:
-            _fsync_file(staged_data)
-            os.replace(staged_data, path.parent / data_name)
-        _fsync_file(staged)
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            publish(staged_data, path.parent / data_name)
+        publish(staged, path)
     stale = path.parent / data_name
     if stale.exists() and stale not in onnx_artifact_files(path):
         stale.unlink()  # weights of an earlier export of this file, now embedded

@@ -2,16 +2,15 @@
 runtime that shares one activation buffer between engines and CUDA-graphs each (engine, shape).
 
 ``tensorrt`` and polygraphy's TensorRT backend are imported when used; profile derivation and memory planning are
-plain Python. Practice followed (DESIGN.md "Export"): separate engines chosen on the host per step, contexts with
-user-managed device memory pointing at one shared buffer (the programs never run at the same time), a CUDA graph per
-engine and shape.
+plain Python. Practice followed (docs/architecture.md, "Export"): separate engines chosen on the host per step,
+contexts with user-managed device memory pointing at one shared buffer (the programs never run at the same time), a
+CUDA graph per engine and shape.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import InputMismatchError
 from .manifest import Manifest
+from .staging import publish, staging_dir
 
 __all__ = [
     "PRECISIONS",
@@ -163,12 +163,9 @@ def build_engine(
         save_timing_cache=str(timing_cache) if timing_cache is not None else None,
     )
     engine_path = Path(engine_path)
-    temporary = engine_path.parent / f".{engine_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        polygraphy_trt.SaveEngine(engine, path=str(temporary))()
-        os.replace(temporary, engine_path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with staging_dir(engine_path) as staging:
+        polygraphy_trt.SaveEngine(engine, path=str(staging / engine_path.name))()
+        publish(staging / engine_path.name, engine_path)
     logger.info("built %s (%s) from %s", engine_path, precision, onnx_path)
     return engine_path
 

@@ -8,6 +8,7 @@ checked, the others are reported with the matrix's text; ops that run but are sl
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from pathlib import Path
 from . import _trt_ops
 
 __all__ = ["Finding", "SLOW_OPS", "check_onnx_for_tensorrt", "format_findings"]
+
+logger = logging.getLogger(__name__)
 
 # Ops the parser accepts but that cost a lot in an engine; the reason is what the user should know.
 SLOW_OPS = {
@@ -68,7 +71,12 @@ class _Context:
 
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # type checks then fall back to declared types only
+        except Exception as e:  # InferenceError, ValueError (a model over 2 GiB), ...: the check still runs
+            logger.warning(
+                "ONNX shape inference failed (%s: %s); data types are checked on declared types only",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             inferred = model
         self.types: dict[str, int] = {}
         self.constants: set[str] = set()
@@ -113,7 +121,7 @@ def _input_index(op_type: str, opset: int | None, input_name: str) -> int | None
 
     try:
         schema = onnx.defs.get_schema(op_type, opset or onnx.defs.onnx_opset_version())
-    except Exception:
+    except onnx.defs.SchemaError:  # an op onnx has no schema for: the caller reports the restriction unchecked
         return None
     names = [formal.name for formal in schema.inputs]
     return names.index(input_name) if input_name in names else None

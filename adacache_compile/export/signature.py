@@ -1,0 +1,69 @@
+"""The manifest's ``runtime`` section: what an exported runtime needs to rebuild the captured call (pytree specs,
+constants, the forward signature, output and delta names, the tap dtype and shape formula, the plan's blocks)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .axes import serialise_tap_shape
+
+__all__ = ["forward_signature_from", "runtime_section", "serialise_forward_signature"]
+
+
+def _jsonable_default(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def serialise_forward_signature(signature: inspect.Signature | None) -> list[dict] | None:
+    """``[{"name", "kind", "default"?}]`` per parameter; defaults that are not JSON scalars are left out."""
+    if signature is None:
+        return None
+    params = []
+    for p in signature.parameters.values():
+        entry = {"name": p.name, "kind": p.kind.name}
+        if p.default is not inspect.Parameter.empty and _jsonable_default(p.default):
+            entry["default"] = p.default
+        params.append(entry)
+    return params
+
+
+def forward_signature_from(params: list[dict] | None) -> inspect.Signature | None:
+    """The inverse of :func:`serialise_forward_signature`."""
+    if params is None:
+        return None
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                p["name"], inspect._ParameterKind[p["kind"]], default=p.get("default", inspect.Parameter.empty)
+            )
+            for p in params
+        ]
+    )
+
+
+def runtime_section(entry) -> dict[str, Any]:
+    """The ``runtime`` section of the manifest for one compiled entry (capture, plan and programs)."""
+    from torch.utils._pytree import treespec_dumps
+
+    captured, plan, programs = entry.captured, entry.plan, entry.programs
+    return {
+        "model_class": captured.model_class,
+        "in_spec": treespec_dumps(captured.signature.in_spec),
+        "out_spec": treespec_dumps(captured.out_spec),
+        "constants": [[i, v] for i, v in captured.signature.constants],
+        "tensor_leaves": list(captured.signature.tensor_leaves),
+        "forward_signature": serialise_forward_signature(captured.model_forward_signature),
+        "input_names": list(captured.input_names),
+        "output_names": list(captured.output_names),
+        "num_outputs": programs.num_outputs,
+        "delta_names": list(programs.delta_names),
+        "tap_dtype": str(programs.tap_dtype).removeprefix("torch."),
+        "moreg_strides": list(programs.moreg_strides),
+        "tap_shape": serialise_tap_shape(programs.tap_shape),
+        "blocks": list(plan.blocks),
+        "region": list(plan.region),
+        "tap": plan.tap,
+        "describe": plan.describe(),
+        "engines": {},
+    }
