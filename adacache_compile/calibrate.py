@@ -2,9 +2,10 @@
 
 The reference published codebooks only for 30 and 100 steps and calibrated them from baseline runs on a few prompts.
 This module does the same from a user's own generations: record the stride-1 metric (relative L1 change of the tap
-between consecutive steps) at every step with a rate-1 codebook, then place the codebook thresholds at quantiles of
-that distribution (fast / slow templates shaped like the reference ones), or scale them until a simulated schedule
-reaches a target fraction of computed steps.
+between consecutive steps) at every step with a rate-1 codebook (:data:`RECORD_CONFIG`), then place the codebook
+thresholds at quantiles of that distribution (fast / slow templates shaped like the reference ones), or scale them
+until a simulated schedule reaches a target fraction of computed steps. Recording the bundled testbed and the
+``adacache-compile calibrate`` command live in :mod:`adacache_compile.testbed.calibrate`.
 """
 
 from __future__ import annotations
@@ -132,87 +133,3 @@ def calibrate_config(
         else:
             hi = mid
     return base.replace(codebook=codebook_from_metrics(pooled, template, hi))
-
-
-def record_testbed_metrics(testbed, videos, num_steps: int, progress: bool = False):
-    """Per-step metrics and motions of uncached testbed generations (rate 1 at every step: the outputs are the
-    uncached ones). Returns ``(metric runs, motion runs)``."""
-    from .runtime import optimize
-    from .testbed.sample import sample
-
-    recorder = optimize(testbed.transformer, RECORD_CONFIG, num_steps=num_steps)
-    runs, motions = [], []
-    for shape, motion, seed in videos:
-        with recorder.generation(num_steps=num_steps):
-            sample(recorder, testbed, [(shape, motion)], [seed], num_steps=num_steps, progress=progress)
-        history = recorder.stats["history"][-1]
-        runs.append(metrics_from_stats(history))
-        motions.append(motions_from_stats(history))
-    return runs, motions
-
-
-# Calibration videos: three shapes x every motion bucket, seeds disjoint from the demo's and the benchmark's.
-CALIBRATION_VIDEOS = [
-    (shape, motion, 1000 + 10 * i + motion)
-    for i, shape in enumerate(("square", "disc", "cross"))
-    for motion in range(4)
-]
-
-
-def _parse_target(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _run(args) -> int:
-    import json
-    from pathlib import Path
-
-    from .testbed import load_testbed
-
-    testbed = load_testbed()
-    runs, motions = record_testbed_metrics(testbed, CALIBRATION_VIDEOS, args.steps, progress=not args.no_progress)
-    window = MoRegConfig(window=(0.1, 0.9)).window_for(args.steps)
-    threshold = moreg_threshold(motions, window)
-    print(f"MoReg threshold (median motion in steps {window[0]}..{window[1]}): {threshold:.4f} (reference 0.385)")
-    out = {}
-    for target in args.target:
-        config = calibrate_config(runs, args.steps, _parse_target(target), template=args.template)
-        fractions = [len(simulate(config, run, args.steps)) / args.steps for run in runs]
-        out[target] = {
-            "config": config.to_dict(),
-            "simulated_compute_fraction": sum(fractions) / len(fractions),
-        }
-        print(
-            f"{target}: codebook {[(round(t, 4), r) for t, r in config.codebook]}, "
-            f"simulated compute fraction {out[target]['simulated_compute_fraction']:.2f}"
-        )
-    report = {
-        "num_steps": args.steps,
-        "videos": CALIBRATION_VIDEOS,
-        "recorded_metrics": runs,
-        "recorded_motions": motions,
-        "moreg_window": window,
-        "moreg_threshold": threshold,
-        "targets": out,
-    }
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "calibrate", help="codebook thresholds from uncached runs of the testbed (fast / slow / compute fraction)"
-    )
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--target", nargs="+", default=["fast", "slow"], help="fast, slow, or a compute fraction")
-    parser.add_argument(
-        "--template", default="fast", choices=sorted(TEMPLATES), help="codebook shape scaled to a compute fraction"
-    )
-    parser.add_argument("--out", help="write the configs and the recorded metrics as JSON")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(run=_run)

@@ -1,27 +1,41 @@
-"""``adacache-compile``: inspect a model's cache plan, export it to ONNX, check the ONNX for TensorRT, build engines.
+"""adacache-compile: cache plans, the testbed demo and calibration, ONNX export, TensorRT checks and engines.
 
-Subcommands are ``(name, add_arguments, run)`` triples in :data:`COMMANDS`; :data:`PLUGIN_MODULES` names modules
-owned elsewhere (``demo``, ``calibrate``, ``bench``) that each expose ``register(subparsers)`` and are imported only
-when present, so a missing optional dependency there never breaks the core commands.
+Subcommands: inspect a model's cache plan, run the testbed demo, calibrate codebooks on the testbed, export to ONNX,
+check the ONNX for TensorRT, build TensorRT engines.
+
+Every subcommand is a :class:`Command` in :data:`COMMANDS`. The parsers import nothing beyond the core library; each
+run function imports what it needs (the testbed, onnx, TensorRT) when it runs, so a missing optional dependency fails
+that subcommand with a message naming the package and the extra to install, never ``--help`` or another subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .testbed.tiny_models import FAMILIES
-
-__all__ = ["COMMANDS", "PLUGIN_MODULES", "build_model", "main"]
+__all__ = ["COMMANDS", "Command", "build_model", "build_parser", "main", "model_names"]
 
 logger = logging.getLogger(__name__)
 
-# The shipped testbed, or a tiny random-init model of each supported family (2 layers; nothing downloaded).
-MODELS = ("testbed", *(f"{family}-tiny" for family in FAMILIES))
+
+def model_names() -> tuple[str, ...]:
+    """The ``--model`` choices: the shipped testbed, or a tiny random-init model of each supported family (2 layers;
+    nothing downloaded)."""
+    from .testbed.tiny_models import FAMILIES
+
+    return ("testbed", *(f"{family}-tiny" for family in FAMILIES))
+
+
+def _model_name(name: str) -> str:
+    """argparse ``type`` of ``--model``: checked when a subcommand that builds a model is parsed, not for ``--help``."""
+    names = model_names()
+    if name not in names:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}; expected one of {', '.join(names)}")
+    return name
 
 
 def build_model(name: str, *, seed: int = 0):
@@ -29,8 +43,8 @@ def build_model(name: str, *, seed: int = 0):
     absent) or a tiny random-init diffusers model."""
     import torch
 
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+    if name not in model_names():
+        raise ValueError(f"unknown model {name!r}; expected one of {model_names()}")
     if name == "testbed":
         try:
             from .testbed import load_testbed
@@ -79,7 +93,13 @@ def _optimize(args):
 
 # --- inspect ---------------------------------------------------------------------------------------------------------
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=MODELS, default="testbed", help="model to build (default: testbed)")
+    parser.add_argument(
+        "--model",
+        type=_model_name,
+        default="testbed",
+        help="testbed (default: the shipped trained model) or FAMILY-tiny, a tiny random-init model of a family of "
+        "adacache_compile.testbed.tiny_models (tiny-dit-tiny, latte-tiny, wan-tiny, ...)",
+    )
     parser.add_argument("--config", default=None, help="AdaCache preset name, JSON text or JSON file (default fast-30)")
 
 
@@ -90,9 +110,57 @@ def _run_inspect(args) -> int:
     return 0
 
 
+# --- demo ------------------------------------------------------------------------------------------------------------
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_demo(args) -> int:
+    """Uncached vs AdaCache on the bundled testbed model."""
+    from .testbed.demo import run_demo
+
+    run_demo(args.out, num_steps=args.steps, progress=not args.no_progress)
+    return 0
+
+
+# --- calibrate -------------------------------------------------------------------------------------------------------
+def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .calibrate import TEMPLATES
+
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--target", nargs="+", default=["fast", "slow"], help="fast, slow, or a compute fraction")
+    parser.add_argument(
+        "--template", default="fast", choices=sorted(TEMPLATES), help="codebook shape scaled to a compute fraction"
+    )
+    parser.add_argument(
+        "--videos", type=int, default=None, help="record only the first N calibration videos (default: all 12)"
+    )
+    parser.add_argument("--out", help="write the configs and the recorded metrics as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _run_calibrate(args) -> int:
+    """Codebook thresholds from uncached runs of the testbed (fast / slow / compute fraction)."""
+    from .testbed.calibrate import CALIBRATION_VIDEOS, calibrate_testbed
+
+    if args.videos is not None and not 1 <= args.videos <= len(CALIBRATION_VIDEOS):
+        print(f"error: --videos {args.videos}: expected 1..{len(CALIBRATION_VIDEOS)}", file=sys.stderr)
+        return 2
+    calibrate_testbed(
+        args.steps,
+        args.target,
+        template=args.template,
+        videos=CALIBRATION_VIDEOS[: args.videos],
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
 # --- export ----------------------------------------------------------------------------------------------------------
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_spec", nargs="?", default=None, help="reserved for model paths; use --model for now")
     parser.add_argument("out_dir", type=Path, help="export directory (replaced atomically)")
     _add_model_arguments(parser)
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
@@ -103,11 +171,6 @@ def _run_export(args) -> int:
     """Export the full and skip programs to ONNX."""
     from .export import to_onnx
 
-    if args.model_spec is not None:
-        print(
-            f"MODEL_SPEC {args.model_spec!r} is not supported yet; use --model {{{','.join(MODELS)}}}", file=sys.stderr
-        )
-        return 2
     cached = _optimize(args)
     print(f"exporting full and skip programs to {args.out_dir} ...", file=sys.stderr)
     to_onnx(cached, args.out_dir, dynamic=not args.no_dynamic, opset=args.opset)
@@ -138,11 +201,18 @@ def _run_check_trt(args) -> int:
 
 
 # --- build-engines ---------------------------------------------------------------------------------------------------
-def _add_build_engines_arguments(parser: argparse.ArgumentParser) -> None:
+def _precision(name: str) -> str:
+    """argparse ``type`` of ``--precision``, checked when ``build-engines`` is parsed (``--help`` imports nothing)."""
     from .export.tensorrt import PRECISIONS
 
+    if name not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"unknown precision {name!r}; expected one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def _add_build_engines_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", type=Path, help="export directory written by `export`")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    parser.add_argument("--precision", type=_precision, default="fp16", help="fp32, fp16 (default) or bf16")
     parser.add_argument("--timing-cache", type=Path, default=None, help="default: OUT_DIR/timing.cache")
     for bound in ("min", "opt", "max"):
         parser.add_argument(
@@ -185,54 +255,37 @@ def _run_build_engines(args) -> int:
     return 0
 
 
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments(parser)`` builds its parser (importing nothing optional); ``run(args)`` returns
+    the exit status (its docstring's first line is the ``--help`` summary); ``extra`` names the pip extra whose
+    packages it may import."""
 
-# The core subcommands, in the order --help lists them.
+    name: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    extra: str
+
+
+# Every subcommand, in the order --help lists them.
 COMMANDS: list[Command] = [
-    ("inspect", _add_model_arguments, _run_inspect),
-    ("export", _add_export_arguments, _run_export),
-    ("check-trt", _add_check_trt_arguments, _run_check_trt),
-    ("build-engines", _add_build_engines_arguments, _run_build_engines),
+    Command("inspect", _add_model_arguments, _run_inspect, "diffusers"),
+    Command("demo", _add_demo_arguments, _run_demo, "testbed"),
+    Command("calibrate", _add_calibrate_arguments, _run_calibrate, "testbed"),
+    Command("export", _add_export_arguments, _run_export, "onnx"),
+    Command("check-trt", _add_check_trt_arguments, _run_check_trt, "onnx"),
+    Command("build-engines", _add_build_engines_arguments, _run_build_engines, "tensorrt"),
 ]
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Subcommands owned by other modules (demo, calibrate, bench). Each module exposes ``register(subparsers)`` that adds
-# its parsers with ``parser.set_defaults(run=<fn(args) -> int>)``. A module that is absent is skipped quietly; one
-# that fails to import is reported at debug level and skipped.
-PLUGIN_MODULES: list[str] = [
-    "adacache_compile.testbed.demo",
-    "adacache_compile.calibrate",
-    "adacache_compile.bench",
-]
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _register_plugins(subparsers) -> None:
-    for module_name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and module_name.startswith(e.name):
-                continue  # the module itself does not exist (yet)
-            logger.debug("subcommands of %s unavailable: %s", module_name, e)
-            continue
-        except ImportError as e:
-            logger.debug("subcommands of %s unavailable: %s", module_name, e)
-            continue
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adacache-compile", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, add_arguments, run in COMMANDS:
-        sub = subparsers.add_parser(name, help=(run.__doc__ or "").strip().rstrip("."))
-        add_arguments(sub)
-        sub.set_defaults(run=run)
-    _register_plugins(subparsers)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=(command.run.__doc__ or "").strip().rstrip("."))
+        command.add_arguments(sub)
+        sub.set_defaults(command_spec=command)
     return parser
 
 
@@ -241,7 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    command = args.command_spec
+    try:
+        return command.run(args)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] == __package__:
+            raise  # a broken module of this package is a bug, not a missing dependency
+        print(
+            f"error: adacache-compile {command.name} needs the {e.name.split('.')[0]!r} package, which is not "
+            f"installed: pip install 'adacache-compile[{command.extra}]'",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,55 +12,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 
 import adacache_compile as ac
 from adacache_compile.calibrate import RECORD_CONFIG, calibrate_config, metrics_from_stats
+from adacache_compile.capture_cache import CompiledEntry
 from adacache_compile.config import AdaCacheConfig
-from adacache_compile.runtime import CompiledEntry
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from adacache_compile.testbed.timing import timed_runs
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median wall milliseconds of ``repeats`` calls of ``fn()`` after one untimed call, CUDA synchronised."""
+    return timed_runs(lambda _: fn(), range(repeats), warmup=1).median * 1e3
 
 
 def generate(module, latents, timesteps, kwargs, session_factory=None):
     """A plain flow-matching Euler loop (batched CFG already in the batch); returns latents and wall seconds."""
-    x = latents.clone()
-    sync()
-    start = time.perf_counter()
-    context = session_factory() if session_factory else _null()
-    with context, torch.no_grad():
-        for i, t in enumerate(timesteps):
-            velocity = module(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **kwargs)[0]
-            dt = (timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)) - t
-            x = x + dt / 1000.0 * velocity
-    sync()
-    return x, time.perf_counter() - start
 
+    def euler(_):
+        x = latents.clone()
+        with torch.no_grad():
+            for i, t in enumerate(timesteps):
+                velocity = module(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **kwargs)[0]
+                dt = (timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)) - t
+                x = x + dt / 1000.0 * velocity
+        return x
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    runs = timed_runs(euler, [None], context=session_factory)
+    return runs.results[0], runs.seconds[0]
 
 
 def main(argv=None):
@@ -136,17 +117,16 @@ def main(argv=None):
     report["capture_s"] = time.perf_counter() - t0
     # The CUDA-graph runtime reuses the same capture and programs; only the runners differ.
     graphs = ac.optimize(model, config, num_steps=args.steps, cuda_graphs=device.type == "cuda")
-    first = eager._entries[-1]
-    graphs._entries.append(CompiledEntry(first.captured, first.plan, *graphs._backend_runners(first.programs)))
+    first = eager.captures.latest()
+    graphs.captures.entries.append(CompiledEntry(first.captured, first.plan, *graphs.captures.runners(first.programs)))
     print(f"capture + passes: {report['capture_s']:.1f} s")
 
     programs = eager.programs
-    inputs = eager._entries[-1].captured.flatten((), call)
+    inputs = first.captured.flatten((), call)
     with torch.no_grad():
-        tap_prev = torch.zeros(programs.tap_shape(*inputs), dtype=programs.tap_dtype, device=device)
-        results = programs.full(*inputs, tap_prev)
-        deltas = results[programs.num_outputs : programs.num_outputs + len(programs.delta_names)]
-        entry = graphs._entries[-1]
+        tap_prev = programs.zero_tap(inputs)
+        deltas = programs.decode_full(programs.full(*inputs, tap_prev)).deltas
+        entry = graphs.captures.latest()
         times = {
             "model_eager_ms": median_ms(lambda: model(**call), args.repeats),
             "full_eager_ms": median_ms(lambda: programs.full(*inputs, tap_prev), args.repeats),
@@ -165,7 +145,7 @@ def main(argv=None):
         # A random-init model has no learned trajectory, so a published codebook says little about it: record its
         # per-step metrics with a rate-1 run (the calibration tool's method) and place the thresholds on them.
         recorder = ac.optimize(model, RECORD_CONFIG.replace(moreg=None), num_steps=args.steps)
-        recorder._entries.append(first)
+        recorder.captures.entries.append(first)
         generate(recorder, latents, timesteps, kwargs, lambda: recorder.generation(args.steps))
         metrics = metrics_from_stats(recorder.stats["history"][-1])
         config = calibrate_config([metrics], args.steps, args.calibrate)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,24 +23,22 @@ from adacache_compile import AdaCacheConfig, optimize
 from adacache_compile.export import load, to_onnx
 from adacache_compile.testbed import load_testbed
 from adacache_compile.testbed.sample import sample
+from adacache_compile.testbed.timing import timed_runs
 
 LABELS = [("disc", 2)]
 SEEDS = [7]
 
 
-def generate(module, testbed, num_steps: int) -> tuple[torch.Tensor, list[int], float]:
-    start = time.perf_counter()
-    with module.generation(num_steps=num_steps):
-        video = sample(module, testbed, LABELS, SEEDS, num_steps=num_steps, progress=False)
-    seconds = time.perf_counter() - start
-    return video, list(module.stats["history"][-1]["computed_steps"]), seconds
-
-
 def measure(module, testbed, config: AdaCacheConfig, num_steps: int, repeats: int) -> dict:
+    """``repeats`` generations of one video with ``config``: median seconds, the last video and its computed steps."""
     module.use_config(config)
-    runs = [generate(module, testbed, num_steps) for _ in range(repeats)]
-    video, computed, _ = runs[-1]
-    return {"seconds": statistics.median(r[2] for r in runs), "video": video, "computed": computed}
+    runs = timed_runs(
+        lambda _: sample(module, testbed, LABELS, SEEDS, num_steps=num_steps, progress=False),
+        range(repeats),
+        context=lambda: module.generation(num_steps=num_steps),
+        after=lambda: list(module.stats["history"][-1]["computed_steps"]),
+    )
+    return {"seconds": runs.median, "video": runs.results[-1], "computed": runs.records[-1]}
 
 
 def main(argv=None) -> int:
@@ -64,7 +60,7 @@ def main(argv=None) -> int:
     uncached_config = dataclasses.replace(cached_config, codebook=((1e9, 1),))
     module = optimize(testbed.transformer, cached_config)
     # One generation captures the programs with the sampler's own call (batch 2: conditional + unconditional).
-    generate(module, testbed, args.steps)
+    measure(module, testbed, cached_config, args.steps, repeats=1)
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = to_onnx(module, (args.out_dir or Path(scratch)) / "testbed")
         exported = load(out_dir, "onnxruntime", providers=["CPUExecutionProvider"], session_options=options)

@@ -7,27 +7,17 @@ Prints the median full and skip program times and their ratio (target: skip <= 2
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from tiny_models import TinyVideoDiT  # noqa: E402
-
-import adacache_compile as ac  # noqa: E402
+import adacache_compile as ac
+from adacache_compile.testbed.timing import timed_runs
+from adacache_compile.testbed.tiny_models import TinyVideoDiT
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median wall milliseconds of ``repeats`` calls of ``fn()`` after one untimed call."""
+    return timed_runs(lambda _: fn(), range(repeats), warmup=1).median * 1e3
 
 
 def main(argv=None):
@@ -43,11 +33,10 @@ def main(argv=None):
     kwargs = dict(hidden_states=torch.randn(2, 4, args.frames, args.size, args.size), timestep=torch.full((2,), 500))
     cached = ac.optimize(model, example_inputs=kwargs)
     programs = cached.programs
-    inputs = cached._entries[-1].captured.flatten((), kwargs)
+    inputs = cached.captures.latest().captured.flatten((), kwargs)
     with torch.no_grad():
-        tap_prev = torch.zeros(programs.tap_shape(*inputs), dtype=programs.tap_dtype)
-        full_out = programs.full(*inputs, tap_prev)
-        deltas = full_out[programs.num_outputs : programs.num_outputs + len(programs.delta_names)]
+        tap_prev = programs.zero_tap(inputs)
+        deltas = programs.decode_full(programs.full(*inputs, tap_prev)).deltas
         full_ms = median_ms(lambda: programs.full(*inputs, tap_prev), args.repeats)
         skip_ms = median_ms(lambda: programs.skip(*inputs, *deltas), args.repeats)
         eager_ms = median_ms(lambda: model(**kwargs), args.repeats)

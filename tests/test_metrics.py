@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from adacache_compile.metrics import psnr, psnr_per_video, ssim, ssim_per_video
+from adacache_compile.testbed.metrics import psnr, psnr_per_video, ssim, ssim_per_video
 
 
 def _videos(batch: int = 2) -> torch.Tensor:

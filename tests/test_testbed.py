@@ -142,3 +142,13 @@ def test_short_training_run_saves_a_loadable_checkpoint_and_continues_at_its_siz
         train(
             tmp_path / "c", minutes=0.05, threads=1, config=config, init_from=tmp_path / "a", model_config=ModelConfig()
         )
+
+
+def test_training_needs_an_explicit_out_directory(capsys):
+    # No default: a run never overwrites the shipped checkpoint and its hand-written model card by accident.
+    from adacache_compile.testbed.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--minutes", "0.01"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err

@@ -2,6 +2,10 @@
 
 ``load_testbed()`` gives the shipped checkpoint ready for inference; ``sample()`` runs DDIM with batched CFG on it
 or on any drop-in wrapper of its transformer. diffusers and safetensors are imported only when a function needs them.
+
+Besides the model: ``demo`` (``adacache-compile demo``), ``calibrate`` (recording for ``adacache-compile
+calibrate``), ``metrics`` (PSNR / SSIM, scikit-image), ``timing`` (the timed loop shared with ``benchmarks/``),
+``recognise`` (shape check), ``tiny_models`` (tiny random-init models of each family), ``train``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from .data import (
     HELD_OUT_SEED_BASE,
-    MOTION_BUCKETS,
+    MOTION_BUCKET_SPEEDS,
     SHAPES,
     DataConfig,
     make_batch,
@@ -38,7 +42,7 @@ __all__ = [
     "side_by_side_png",
     "DEFAULT_GUIDANCE_SCALE",
     "SHAPES",
-    "MOTION_BUCKETS",
+    "MOTION_BUCKET_SPEEDS",
     "HELD_OUT_SEED_BASE",
     "DataConfig",
     "ModelConfig",

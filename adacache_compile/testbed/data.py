@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "SHAPES",
-    "MOTION_BUCKETS",
+    "MOTION_BUCKET_SPEEDS",
     "MOTION_BUCKET_NAMES",
     "TRAIN_SEED_LIMIT",
     "HELD_OUT_SEED_BASE",
@@ -31,7 +31,7 @@ __all__ = [
 
 SHAPES = ("square", "disc", "triangle", "cross")
 # Speed range in pixels per frame of each motion bucket: static, slow, medium, fast.
-MOTION_BUCKETS = ((0.0, 0.0), (0.35, 0.6), (0.9, 1.3), (1.8, 2.6))
+MOTION_BUCKET_SPEEDS = ((0.0, 0.0), (0.35, 0.6), (0.9, 1.3), (1.8, 2.6))
 MOTION_BUCKET_NAMES = ("static", "slow", "medium", "fast")
 TRAIN_SEED_LIMIT = 1 << 30
 HELD_OUT_SEED_BASE = 1 << 31
@@ -64,14 +64,14 @@ class DataConfig:
 
     @property
     def num_motion_buckets(self) -> int:
-        return len(MOTION_BUCKETS)
+        return len(MOTION_BUCKET_SPEEDS)
 
 
 @dataclasses.dataclass
 class Clip:
     video: torch.Tensor  # [C, F, H, W] in [-1, 1]
     shape: int  # index into SHAPES of the labelled (first) object
-    motion: int  # index into MOTION_BUCKETS
+    motion: int  # index into MOTION_BUCKET_SPEEDS
 
 
 def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -122,7 +122,7 @@ def _background(rng: np.random.Generator, config: DataConfig) -> np.ndarray:
 def _draw_object(rng: np.random.Generator, config: DataConfig, frames: np.ndarray, shape: int, motion: int) -> None:
     radius = rng.uniform(*config.radius)
     colour = np.asarray(PALETTE[rng.integers(len(PALETTE))])
-    speed = rng.uniform(*MOTION_BUCKETS[motion])
+    speed = rng.uniform(*MOTION_BUCKET_SPEEDS[motion])
     heading = rng.uniform(0.0, 2.0 * math.pi)
     lo, hi = radius, config.size - radius
     t = np.arange(config.frames, dtype=np.float64)
@@ -170,4 +170,4 @@ def motion_per_bucket(videos: torch.Tensor, buckets) -> list[float]:
     """Mean :func:`measured_motion` of videos [B, C, F, H, W] per motion bucket (``buckets``: B bucket indices);
     NaN for a bucket with no video."""
     motion, buckets = measured_motion(videos), torch.as_tensor(buckets)
-    return [motion[buckets == bucket].mean().item() for bucket in range(len(MOTION_BUCKETS))]
+    return [motion[buckets == bucket].mean().item() for bucket in range(len(MOTION_BUCKET_SPEEDS))]

@@ -1,21 +1,21 @@
-"""``adacache-compile demo``: the bundled testbed model, uncached vs AdaCache, with a table, GIFs, a side-by-side PNG
-and a schedule plot.
+"""``adacache-compile demo`` (:func:`run_demo`): the bundled testbed model, uncached vs AdaCache, with a table, GIFs,
+a side-by-side PNG and a schedule plot.
 
 Each video is generated on its own (batched CFG inside), so each gets its own adaptive schedule, as in the paper.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["register", "run_methods", "build_cached", "generate", "summarize", "DEMO_VIDEOS", "Method", "format_table"]
+from .timing import timed_runs
+
+__all__ = ["run_demo", "run_methods", "build_cached", "generate", "summarize", "DEMO_VIDEOS", "Method", "format_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +58,16 @@ def generate(testbed, method: Method, videos, num_steps: int, cached=None, progr
     """``(seconds, videos, schedules)`` of one method: each video in its own generation, timed around sampling."""
     from .sample import sample
 
-    module = testbed.transformer
+    module = testbed.transformer if method.config is None else cached
     if method.config is not None:
         cached.use_config(method.config)
-        module = cached
-    seconds, outputs, schedules = 0.0, [], []
-    for shape, motion, seed in videos:
-        context = cached.generation(num_steps=num_steps) if method.config is not None else _NoContext()
-        start = time.perf_counter()
-        with context:
-            video = sample(module, testbed, [(shape, motion)], [seed], num_steps=num_steps, progress=progress)
-        seconds += time.perf_counter() - start
-        outputs.append(video)
-        if method.config is not None:
-            schedules.append(cached.stats["history"][-1])
-    return seconds, outputs, schedules
+    runs = timed_runs(
+        lambda video: sample(module, testbed, [video[:2]], [video[2]], num_steps=num_steps, progress=progress),
+        videos,
+        context=None if method.config is None else lambda: cached.generation(num_steps=num_steps),
+        after=None if method.config is None else lambda: cached.stats["history"][-1],
+    )
+    return runs.total, runs.results, runs.records
 
 
 def run_methods(testbed, methods: list[Method], videos, num_steps: int, progress: bool = True) -> list[Method]:
@@ -90,18 +85,10 @@ def run_methods(testbed, methods: list[Method], videos, num_steps: int, progress
     return methods
 
 
-class _NoContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
     """Rows of the table; with ``videos`` ((shape, motion, seed) per generated video) each row also says how many of
     its videos show their labelled shape (`testbed.recognise`)."""
-    from ..metrics import psnr, ssim
+    from .metrics import psnr, ssim
     from .recognise import recognised
 
     reference = methods[0]
@@ -174,40 +161,30 @@ def plot_schedules(methods: list[Method], videos, num_steps: int, path: Path) ->
     return path
 
 
-def run_demo(out_dir: Path, num_steps: int = 50, progress: bool = True) -> list[dict]:
+def run_demo(out_dir: Path, num_steps: int = 50, progress: bool = True, videos=DEMO_VIDEOS) -> list[dict]:
+    """Uncached vs AdaCache (fast, slow, fast+MoReg presets for ``num_steps``) on ``videos`` ((shape, motion, seed)
+    each): writes a GIF per method and video, ``side_by_side.png``, ``schedules.png``, ``demo.json`` and ``demo.md``
+    to ``out_dir``; returns the table rows."""
     from . import load_testbed
     from .sample import save_gif, side_by_side_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     testbed = load_testbed()
-    methods = run_methods(testbed, default_methods(num_steps), DEMO_VIDEOS, num_steps, progress=progress)
-    rows = summarize(methods, num_steps, DEMO_VIDEOS)
+    methods = run_methods(testbed, default_methods(num_steps), videos, num_steps, progress=progress)
+    rows = summarize(methods, num_steps, videos)
     table = format_table(rows, num_steps)
     for method in methods:
-        for (shape, motion, seed), video in zip(DEMO_VIDEOS, method.videos):
+        for (shape, motion, seed), video in zip(videos, method.videos):
             save_gif(video[0], out_dir / f"{method.name}_{shape}_motion{motion}_seed{seed}.gif")
     sheet = {}
-    for (shape, motion, _), index in zip(DEMO_VIDEOS, range(len(DEMO_VIDEOS))):
+    for (shape, motion, _), index in zip(videos, range(len(videos))):
         for method in methods:
             sheet[f"{method.name} | {shape} m{motion}"] = method.videos[index][0]
     side_by_side_png(sheet, out_dir / "side_by_side.png")
-    plot_schedules(methods, DEMO_VIDEOS, num_steps, out_dir / "schedules.png")
+    plot_schedules(methods, videos, num_steps, out_dir / "schedules.png")
     (out_dir / "demo.json").write_text(json.dumps({"num_steps": num_steps, "rows": rows}, indent=2))
     (out_dir / "demo.md").write_text(table + "\n")
     print(table)
     print(f"\nwrote GIFs, side_by_side.png, schedules.png, demo.json to {out_dir}")
     return rows
-
-
-def _run(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), num_steps=args.steps, progress=not args.no_progress)
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="uncached vs AdaCache on the bundled testbed model")
-    parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(run=_run)

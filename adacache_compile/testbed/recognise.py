@@ -87,10 +87,12 @@ def label_accuracy(videos: torch.Tensor, shapes) -> float:
 def sample_labels(testbed, seeds_per_label: int = 2, num_steps: int = 50, guidance_scale: float | None = None):
     """Sample ``seeds_per_label`` videos of every (shape, motion bucket) label, uncached; returns (videos, labels).
     Seeds are 0, 1, 2, ... in label order."""
-    from .data import MOTION_BUCKETS
+    from .data import MOTION_BUCKET_SPEEDS
     from .sample import DEFAULT_GUIDANCE_SCALE, sample
 
-    labels = [(s, m) for s in range(len(SHAPES)) for m in range(len(MOTION_BUCKETS)) for _ in range(seeds_per_label)]
+    labels = [
+        (s, m) for s in range(len(SHAPES)) for m in range(len(MOTION_BUCKET_SPEEDS)) for _ in range(seeds_per_label)
+    ]
     videos = sample(
         testbed.transformer,
         testbed,

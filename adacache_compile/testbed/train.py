@@ -1,8 +1,10 @@
 """Train the testbed DiT on procedural moving-shape clips.
 
-    python -m adacache_compile.testbed.train --out adacache_compile/testbed/checkpoint --minutes 58 --threads 2
+    python -m adacache_compile.testbed.train --out runs/new --minutes 58 --threads 2
 
-Writes ``model.safetensors`` (EMA weights of transformer and label conditioner), ``config.json`` and ``MODEL_CARD.md``.
+Writes ``model.safetensors`` (EMA weights of transformer and label conditioner), ``config.json`` and ``MODEL_CARD.md``
+to ``--out`` (required: there is no default, so a run never overwrites the shipped checkpoint and its hand-written
+model card by accident).
 """
 
 from __future__ import annotations
@@ -111,26 +113,26 @@ def _lr_factor(step: int, fraction_done: float, config: TrainConfig) -> float:
     return warmup * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(fraction_done, 1.0))))
 
 
-def train(
-    out: Path,
-    minutes: float,
-    threads: int,
-    config: TrainConfig | None = None,
-    seed: int = 0,
-    init_from: Path | None = None,
-    device: str = "cpu",
-    model_config: ModelConfig | None = None,
-) -> dict:
-    """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint.
+def _training_batch(
+    batch_index: int, config: TrainConfig, data_config: DataConfig, label_dropout: float, generator, alphas_cumprod
+):
+    """``(noisy, target, alpha_bar, shapes, motions, timesteps)`` of training batch ``batch_index``, drawn on the CPU.
 
-    Clips, timesteps and noise are always drawn on the CPU (the same draws on every device); ``device`` ("cuda")
-    runs the model there. ``model_config`` sizes a new model (default ``ModelConfig()``); a continued run keeps the size
-    it was saved with, and a ``model_config`` that differs from it is an error."""
-    config = config or TrainConfig()
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    data_config = DataConfig()
-    previous = None
+    A continued run passes its predecessor's step count on, so it draws clips after the ones that run saw."""
+    seeds = (batch_index * config.batch_size + torch.arange(config.batch_size)) % TRAIN_SEED_LIMIT
+    videos, shapes, motions = make_batch(seeds.tolist(), data_config)
+    dropped = torch.rand(config.batch_size, generator=generator) < label_dropout
+    shapes, motions = shapes.masked_fill(dropped, -1), motions.masked_fill(dropped, -1)
+    timesteps = _draw_timesteps(config, generator)
+    noise = torch.randn(videos.shape, generator=generator)
+    noisy, target, alpha_bar = noised(videos, timesteps, noise, alphas_cumprod)
+    return noisy, target, alpha_bar, shapes, motions, timesteps
+
+
+def _initial_models(init_from: Path | None, model_config: ModelConfig | None, data_config: DataConfig):
+    """``(transformer, cond, model_config, cond_config, previous training summary)``: new ones of ``model_config``'s
+    size, or the ones saved at ``init_from`` (whose size a differing ``model_config`` may not change)."""
+    previous = saved = None
     if init_from is not None:
         from . import load_testbed
 
@@ -151,9 +153,41 @@ def train(
     )
     transformer = build_transformer(model_config, data_config)
     cond = LabelConditioner(cond_config)
-    if init_from is not None:
+    if saved is not None:
         transformer.load_state_dict(saved.transformer.state_dict())
         cond.load_state_dict(saved.cond.state_dict())
+    return transformer, cond, model_config, cond_config, previous
+
+
+def _update_ema(pairs, step: int, ema_decay: float) -> None:
+    # Short warm-up of the EMA so early checkpoints are not dominated by the random init.
+    decay = min(ema_decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for ema_module, module in pairs:
+            for ema_p, p in zip(ema_module.parameters(), module.parameters()):
+                ema_p.lerp_(p, 1.0 - decay)
+
+
+def train(
+    out: Path,
+    minutes: float,
+    threads: int,
+    config: TrainConfig | None = None,
+    seed: int = 0,
+    init_from: Path | None = None,
+    device: str = "cpu",
+    model_config: ModelConfig | None = None,
+) -> dict:
+    """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint.
+
+    Clips, timesteps and noise are always drawn on the CPU (the same draws on every device); ``device`` ("cuda")
+    runs the model there. ``model_config`` sizes a new model (default ``ModelConfig()``); a continued run keeps the size
+    it was saved with, and a ``model_config`` that differs from it is an error."""
+    config = config or TrainConfig()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    data_config = DataConfig()
+    transformer, cond, model_config, cond_config, previous = _initial_models(init_from, model_config, data_config)
     transformer, cond = transformer.to(device), cond.to(device)
     ema_transformer, ema_cond = copy.deepcopy(transformer).eval(), copy.deepcopy(cond).eval()
     params = list(transformer.parameters()) + list(cond.parameters())
@@ -193,16 +227,12 @@ def train(
     while (elapsed := time.monotonic() - start) < budget_s:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, elapsed / budget_s, config)
-        # A continued run draws clips after the ones its predecessor saw.
-        seeds = ((first_step + step) * config.batch_size + torch.arange(config.batch_size)) % TRAIN_SEED_LIMIT
-        videos, shapes, motions = make_batch(seeds.tolist(), data_config)
-        dropped = torch.rand(config.batch_size, generator=generator) < cond_config.label_dropout
-        shapes, motions = shapes.masked_fill(dropped, -1), motions.masked_fill(dropped, -1)
-        timesteps = _draw_timesteps(config, generator)
-        noise = torch.randn(videos.shape, generator=generator)
-        noisy, target, alpha_bar = noised(videos, timesteps, noise, alphas_cumprod)
-        noisy, target, alpha_bar = noisy.to(device), target.to(device), alpha_bar.to(device)
-        shapes, motions, timesteps = shapes.to(device), motions.to(device), timesteps.to(device)
+        noisy, target, alpha_bar, shapes, motions, timesteps = (
+            t.to(device)
+            for t in _training_batch(
+                first_step + step, config, data_config, cond_config.label_dropout, generator, alphas_cumprod
+            )
+        )
         prediction = transformer(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
         )[0]
@@ -213,12 +243,7 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        # Short warm-up of the EMA so early checkpoints are not dominated by the random init.
-        decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for ema_module, module in ((ema_transformer, transformer), (ema_cond, cond)):
-                for ema_p, p in zip(ema_module.parameters(), module.parameters()):
-                    ema_p.lerp_(p, 1.0 - decay)
+        _update_ema(((ema_transformer, transformer), (ema_cond, cond)), step, config.ema_decay)
         running.append(loss.item())
         step += 1
         if step % config.log_every == 0:
@@ -369,7 +394,13 @@ def _model_config_from(args) -> ModelConfig | None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="checkpoint directory to write (its MODEL_CARD.md is regenerated from a template: the shipped "
+        "checkpoint's card has hand-written sections, so pointing --out at it is a deliberate choice)",
+    )
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)

@@ -1,0 +1,126 @@
+"""The ``adacache-compile`` command line, run in-process through ``cli.main``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adacache_compile import AdaCacheConfig
+from adacache_compile.cli import COMMANDS, build_model, main
+from adacache_compile.testbed import CHECKPOINT_DIR
+
+SUBCOMMANDS = ["inspect", "demo", "calibrate", "export", "check-trt", "build-engines"]
+needs_checkpoint = pytest.mark.skipif(
+    not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="testbed checkpoint not shipped in this tree"
+)
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert [command.name for command in COMMANDS] == SUBCOMMANDS
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert f"    {name} " in printed or f"    {name}\n" in printed, (name, printed)
+
+
+def test_help_imports_neither_the_testbed_nor_the_exporter():
+    # A fresh interpreter: what building the parser (all of --help) imports.
+    code = (
+        "import sys; from adacache_compile.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith(('adacache_compile.testbed', 'adacache_compile.export'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_unknown_model_is_refused_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--model", "nope-tiny"])
+    assert exit_info.value.code == 2
+    assert "unknown model 'nope-tiny'" in capsys.readouterr().err
+
+
+def test_export_has_no_model_spec_argument(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "some/model", str(tmp_path / "out"), "--model", "tiny-dit-tiny"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out_dir = tmp_path_factory.mktemp("cli") / "tiny-dit"
+    assert main(["export", str(out_dir), "--model", "tiny-dit-tiny", "--config", "fast-30"]) == 0
+    return out_dir
+
+
+def test_export_writes_a_loadable_directory(exported, capsys):
+    import adacache_compile
+
+    assert {"manifest.json", "full.onnx", "skip.onnx"} <= {p.name for p in exported.iterdir()}
+    runtime = adacache_compile.load(exported, "onnxruntime")
+    model, inputs = build_model("tiny-dit-tiny")
+    with torch.no_grad():
+        (expected,) = model(**inputs)
+        (actual,) = runtime(**inputs)  # the first call of a generation computes: the full program's output
+    assert actual.shape == expected.shape
+    assert float((actual - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+def test_build_engines_without_tensorrt_fails_naming_it(exported, capsys):
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: build-engines would build")
+    assert main(["build-engines", str(exported)]) != 0
+    err = capsys.readouterr().err
+    assert "TensorRT" in err and "adacache-compile[tensorrt]" in err
+
+
+def test_build_engines_refuses_an_unknown_precision(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build-engines", str(tmp_path), "--precision", "int3"])
+    assert exit_info.value.code == 2
+    assert "unknown precision 'int3'" in capsys.readouterr().err
+
+
+@needs_checkpoint
+def test_calibrate_writes_configs_loadable_by_from_json(tmp_path, capsys):
+    out = tmp_path / "calibration.json"
+    argv = ["calibrate", "--steps", "6", "--videos", "1", "--target", "fast", "0.7", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_steps"] == 6 and len(report["videos"]) == 1
+    assert [len(run) for run in report["recorded_metrics"]] == [5]  # steps 2..6 of the one video
+    assert set(report["targets"]) == {"fast", "0.7"}
+    for target in report["targets"].values():
+        config = AdaCacheConfig.from_json(json.dumps(target["config"]))
+        assert config.to_dict() == target["config"]
+        assert [rate for _, rate in config.codebook][-1] == 1
+    # Of 6 steps, 1, 2 and the forced 5 and 6 are always computed: 4 / 6 is the least, and the closest to 0.7.
+    assert report["targets"]["0.7"]["simulated_compute_fraction"] == pytest.approx(4 / 6)
+    assert "MoReg threshold" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_more_videos_than_it_has(capsys):
+    assert main(["calibrate", "--videos", "99"]) == 2
+    assert "--videos 99" in capsys.readouterr().err
+
+
+def test_a_missing_optional_dependency_fails_its_subcommand_with_the_extra_named(tmp_path, monkeypatch, capsys):
+    # As if safetensors (a testbed extra) were not installed: demo fails with a message, --help still works.
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "30", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "adacache-compile demo needs the 'safetensors' package" in err and "adacache-compile[testbed]" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
