@@ -1,8 +1,8 @@
 """AdaCache configuration: one frozen dataclass per concern, defaults and named presets in one place.
 
 Every value that the reference implementation fixes (codebooks, MoReg hyper-parameters, forced steps, windows) is
-defined here once; the rest of the package reads it from an `AdaCacheConfig`. See /work/shared/ADACACHE.md for the
-rule these fields parameterise.
+defined here once; the rest of the package reads it from an `AdaCacheConfig`. See docs/algorithm.md ("The schedule",
+"MoReg", "Presets") for the rule these fields parameterise and where each preset comes from.
 """
 
 from __future__ import annotations

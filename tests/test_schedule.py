@@ -1,4 +1,4 @@
-"""The host-side AdaCache rule against hand-worked expectations (ADACACHE.md, "The schedule" and "MoReg").
+"""The host-side AdaCache rule against hand-worked expectations (docs/algorithm.md, "The schedule" and "MoReg").
 
 Metric taps are small explicit vectors laid out frame-major; the tests compute the norms themselves and feed the
 Schedule the same scalars the full program would return. Expected computed steps, rates and MoReg factors below were

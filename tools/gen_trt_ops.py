@@ -1,8 +1,11 @@
-"""Generate adacache_compile/export/_trt_ops.py from onnx-tensorrt's operator matrix (docs/operators.md).
+"""Generate adacache_compile/export/_trt_ops.py from TensorRT's published ONNX operator support table.
 
-Usage: python tools/gen_trt_ops.py [MATRIX_MD] [OUTPUT_PY]
-Defaults: /work/shared/tensorrt-onnx-operators.md and adacache_compile/export/_trt_ops.py. Rerun when the matrix is
-updated for a new TensorRT release; the output is committed so that the package needs no markdown at run time.
+The table is the "Supported ONNX Operators" page of NVIDIA's onnx-tensorrt repository (``docs/operators.md``; one row
+per operator: supported Y/N, data types, restrictions), saved as markdown.
+
+Usage: python tools/gen_trt_ops.py MATRIX_MD [OUTPUT_PY]
+MATRIX_MD is required; OUTPUT_PY defaults to adacache_compile/export/_trt_ops.py. Rerun when the table is updated for
+a new TensorRT release; the output is committed so that the package needs no markdown at run time.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT_SOURCE = Path("/work/shared/tensorrt-onnx-operators.md")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "adacache_compile" / "export" / "_trt_ops.py"
 # Typos in the upstream table, fixed so that type checks compare like with like.
 TYPE_FIXES = {"INF64": "INT64"}
@@ -73,7 +75,11 @@ def render(header: dict, ops: dict, source: Path, digest: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    source = Path(argv[1]) if len(argv) > 1 else DEFAULT_SOURCE
+    if len(argv) < 2:
+        usage = "usage: python tools/gen_trt_ops.py MATRIX_MD [OUTPUT_PY]  (MATRIX_MD: onnx-tensorrt docs/operators.md)"
+        print(usage, file=sys.stderr)
+        return 2
+    source = Path(argv[1])
     output = Path(argv[2]) if len(argv) > 2 else DEFAULT_OUTPUT
     markdown = source.read_text(encoding="utf-8")
     header, ops = parse(markdown)
