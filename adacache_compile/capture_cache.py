@@ -122,12 +122,14 @@ class CaptureCache:
         return entry, entry.captured.flatten(args, kwargs)
 
     def serves(self, config: AdaCacheConfig) -> bool:
-        """Whether the programs built so far compute what ``config`` reads (region, tap, norm order, MoReg strides);
-        codebook, forced steps and MoReg hyper-parameters are host-side and never need a new capture."""
+        """Whether the programs built so far compute what ``config`` reads (region, tap, norm order, MoReg strides,
+        forecast order); codebook, forced steps, decision metric and MoReg hyper-parameters are host-side and never
+        need a new capture."""
         strides = tuple(config.moreg.strides) if config.moreg is not None else ()
         return all(
             (entry.plan.config.region, entry.plan.config.tap, entry.plan.config.norm_ord)
             == (config.region, config.tap, config.norm_ord)
+            and entry.programs.forecast_order == config.forecast_order
             and (not strides or entry.programs.moreg_strides == strides)
             for entry in self.entries
         )

@@ -28,9 +28,16 @@ __all__ = [
     "MOREG_THRESHOLD_50",
     "MOREG_WINDOW_100",
     "MOREG_WINDOW_30",
+    "MAX_FORECAST_ORDER",
+    "DECISION_METRICS",
 ]
 
 Codebook = tuple[tuple[float, int], ...]
+
+# Forecasting of the cached delta (ours): orders 0 (reuse, the reference) .. MAX_FORECAST_ORDER.
+MAX_FORECAST_ORDER = 2
+# What the codebook acts on: the reference's change of the tap, or the error of its forecast.
+DECISION_METRICS = ("change", "forecast")
 
 # Reference codebooks (Open-Sora v1.2), ascending (threshold, rate) pairs.
 CODEBOOK_REFERENCE_100: Codebook = ((0.03, 12), (0.05, 10), (0.07, 8), (0.09, 6), (0.11, 4), (1.00, 3))
@@ -185,6 +192,13 @@ class AdaCacheConfig:
         moreg: motion regularisation, or None to leave the metric as is.
         norm_ord: order of the norms of the metric (1, the reference default, or 2).
         enabled: False computes every step; the output then equals the uncached model's.
+        forecast_order: what a skip step adds for the cached blocks (ours, docs/algorithm.md "Forecasting the
+            delta"): 0 reuses the last computed step's fused delta (the reference); 1 or 2 extrapolate it, in the step
+            index, from the deltas of the last 2 or 3 computed steps (fewer while fewer exist). Costs (order + 1)
+            deltas of memory.
+        decision_metric: what the codebook acts on: "change" (the reference: rel-L1 change of the tap since the last
+            computed step) or "forecast" (rel-L1 error of the tap forecast, at forecast_order, from the previous
+            computed taps: the error a forecasting skip would have made). Both are divided by the rate in force.
     """
 
     codebook: Codebook
@@ -194,6 +208,8 @@ class AdaCacheConfig:
     moreg: MoRegConfig | None = None
     norm_ord: int = 1
     enabled: bool = True
+    forecast_order: int = 0
+    decision_metric: str = "change"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codebook", _validated_codebook(self.codebook))
@@ -233,6 +249,16 @@ class AdaCacheConfig:
             raise _fail("AdaCacheConfig.norm_ord", f"expected 1 or 2, got {self.norm_ord!r}")
         if not isinstance(self.enabled, bool):
             raise _fail("AdaCacheConfig.enabled", f"expected a bool, got {self.enabled!r}")
+        if not _is_int(self.forecast_order) or not 0 <= self.forecast_order <= MAX_FORECAST_ORDER:
+            raise _fail(
+                "AdaCacheConfig.forecast_order",
+                f"expected an int in 0..{MAX_FORECAST_ORDER} (0 reuses the delta, 1 linear, 2 quadratic), got "
+                f"{self.forecast_order!r}",
+            )
+        if self.decision_metric not in DECISION_METRICS:
+            raise _fail(
+                "AdaCacheConfig.decision_metric", f"expected one of {DECISION_METRICS}, got {self.decision_metric!r}"
+            )
 
     @classmethod
     def preset(cls, name: str) -> AdaCacheConfig:
@@ -262,6 +288,8 @@ class AdaCacheConfig:
             "moreg": None if self.moreg is None else self.moreg.to_dict(),
             "norm_ord": self.norm_ord,
             "enabled": self.enabled,
+            "forecast_order": self.forecast_order,
+            "decision_metric": self.decision_metric,
         }
 
     @classmethod

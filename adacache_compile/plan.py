@@ -8,7 +8,18 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["Block", "Stream", "MoRegLayout", "CachePlan", "PassResult", "Programs", "FullResult", "MetricValues"]
+__all__ = [
+    "Block",
+    "Stream",
+    "MoRegLayout",
+    "CachePlan",
+    "PassResult",
+    "Programs",
+    "FullResult",
+    "MetricValues",
+    "pack_metrics",
+    "FORECAST_WEIGHTS",
+]
 
 
 @dataclass
@@ -77,26 +88,31 @@ class MoRegLayout:
 class MetricValues:
     """The host's reading of the full program's ``metrics`` vector (one device-to-host copy per computed step).
 
-    The vector is ``[finite (1/0), ||r_prev - r||_p, ||r_prev||_p, (motion num, den) per MoReg stride]``; it is built
-    by :func:`pack_metrics` inside the full program and read back by :meth:`from_vector`, the two ends of one
-    layout."""
+    The vector is ``[finite (1/0), ||r_prev - r||_p, ||r_prev||_p, ||r||_p, (motion num, den) per MoReg stride]``
+    (``r`` the tap, ``r_prev`` the program's ``tap_prev`` input); it is built by :func:`pack_metrics` inside the full
+    program and read back by :meth:`from_vector`, the two ends of one layout."""
 
     finite: bool
     diff_norm: float
     prev_norm: float
+    tap_norm: float
     motion: tuple[tuple[float, float], ...]  # (numerator, denominator) per MoReg stride, in stride order
 
     @classmethod
     def from_vector(cls, metrics: torch.Tensor) -> MetricValues:
         values = metrics.tolist()
-        return cls(values[0] == 1.0, values[1], values[2], tuple(zip(values[3::2], values[4::2])))
+        return cls(values[0] == 1.0, values[1], values[2], values[3], tuple(zip(values[4::2], values[5::2])))
 
 
 def pack_metrics(
-    finite: torch.Tensor, diff_norm: torch.Tensor, prev_norm: torch.Tensor, motion: list[tuple[torch.Tensor, ...]]
+    finite: torch.Tensor,
+    diff_norm: torch.Tensor,
+    prev_norm: torch.Tensor,
+    tap_norm: torch.Tensor,
+    motion: list[tuple[torch.Tensor, ...]],
 ) -> torch.Tensor:
     """The inverse of :meth:`MetricValues.from_vector`, traced into the full program."""
-    return torch.stack([finite.float(), diff_norm, prev_norm, *(part for pair in motion for part in pair)])
+    return torch.stack([finite.float(), diff_norm, prev_norm, tap_norm, *(part for pair in motion for part in pair)])
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,9 @@ class FullResult:
 @dataclass
 class Programs:
     """The two static programs. ``full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)`` (decode it with
-    :meth:`decode_full`); ``skip(*inputs, *deltas) -> outputs``."""
+    :meth:`decode_full`); ``skip(*inputs, *cached) -> outputs`` with ``cached`` from :meth:`skip_cached_inputs`: one
+    delta per stream (``forecast_order`` 0), or per stream the deltas of the last ``forecast_order + 1`` computed
+    steps followed by one ``forecast_weights`` vector (the skip program adds ``sum_j w_j * D_j``)."""
 
     full: fx.GraphModule
     skip: fx.GraphModule
@@ -124,6 +142,7 @@ class Programs:
     moreg_strides: tuple[int, ...]  # strides whose motion norms the full program emits (empty: none)
     num_outputs: int
     delta_names: list[str]
+    forecast_order: int = 0
 
     def decode_full(self, results) -> FullResult:
         """Split the full program's flat output tuple into outputs, deltas, tap and metrics."""
@@ -139,6 +158,33 @@ class Programs:
     def zero_tap(self, inputs) -> torch.Tensor:
         """A zero ``tap_prev`` of the tap's shape for this call (the first computed step has no previous tap)."""
         return torch.zeros(self.tap_shape(*inputs), dtype=self.tap_dtype, device=inputs[0].device)
+
+    @property
+    def skip_cached_names(self) -> list[str]:
+        """Names of the skip program's inputs after the model's: per stream its delta slots, then the weights."""
+        if self.forecast_order == 0:
+            return list(self.delta_names)
+        slots = [f"{name}_prev{j}" if j else name for name in self.delta_names for j in range(self.forecast_order + 1)]
+        return [*slots, FORECAST_WEIGHTS]
+
+    def skip_cached_inputs(self, history, weights=None) -> list[torch.Tensor]:
+        """The skip program's inputs after the model's. ``history``: the computed steps' delta tuples, newest first
+        (at least one); ``weights``: ``forecast_order + 1`` floats (slots past ``len(history)`` must weigh 0: they are
+        filled with the newest deltas so the program's inputs keep their shapes)."""
+        if self.forecast_order == 0:
+            return list(history[0])
+        slots = self.forecast_order + 1
+        if weights is None or len(weights) != slots:
+            raise ValueError(f"skip program of forecast order {self.forecast_order}: expected {slots} weights")
+        rows = [history[j] if j < len(history) else history[0] for j in range(slots)]
+        cached = [rows[j][s] for s in range(len(self.delta_names)) for j in range(slots)]
+        from .forecast import weights_dtype
+
+        newest = history[0][0]
+        return [*cached, torch.tensor(list(weights), dtype=weights_dtype(newest.dtype), device=newest.device)]
+
+
+FORECAST_WEIGHTS = "forecast_weights"
 
 
 @dataclass
@@ -203,7 +249,15 @@ class CachePlan:
             full_ops = _count_ops(self.programs.full)
             skip_ops = _count_ops(self.programs.skip)
             lines.append(f"full program: {full_ops} ops; skip program: {skip_ops} ops (keeps only what lies outside)")
-            lines.append(f"cached tensors per generation: {len(self.programs.delta_names)} deltas + 1 tap")
+            order = self.programs.forecast_order
+            deltas = len(self.programs.delta_names)
+            if order:
+                lines.append(
+                    f"skip steps forecast each delta (order {order}) from the last {order + 1} computed steps; cached "
+                    f"tensors per generation: {deltas} x {order + 1} deltas + taps"
+                )
+            else:
+                lines.append(f"cached tensors per generation: {deltas} deltas + 1 tap")
         return "\n".join(lines)
 
 

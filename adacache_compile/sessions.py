@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .config import AdaCacheConfig
+from .forecast import extrapolation_weights, forecast
 from .schedule import Schedule, StepMetrics
 
 __all__ = ["Session", "Sessions", "run_step", "UNKNOWN_NUM_STEPS"]
@@ -39,14 +40,18 @@ UNKNOWN_NUM_STEPS = 1_000_000
 
 @dataclass
 class Session:
-    """Per-generation, per-branch state: step counter, schedule, cached deltas and the previous computed step's tap."""
+    """Per-generation, per-branch state: step counter, schedule, and what the last computed steps left behind — their
+    fused deltas (one computed step's with ``forecast_order`` 0, the last ``order + 1`` otherwise) and their taps (the
+    metric's ``r_prev``; the last ``order + 1`` with the forecast decision metric)."""
 
     name: str
     num_steps: int
     schedule: Schedule
     step: int = 0
-    deltas: tuple[torch.Tensor, ...] | None = None
-    tap_value: torch.Tensor | None = None  # the tap tensor of the last computed step (the metric's r_prev)
+    delta_history: list[tuple[int, tuple[torch.Tensor, ...]]] = field(
+        default_factory=list
+    )  # (step, deltas), newest 1st
+    tap_history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, tap), newest first
     input_key: tuple | None = None
     last_timestep: float | None = None
     last_step_index: int | None = None
@@ -56,13 +61,25 @@ class Session:
     events: list[str] = field(default_factory=list)
     nonfinite_steps: list[int] = field(default_factory=list)
 
+    @property
+    def deltas(self) -> tuple[torch.Tensor, ...] | None:
+        """The newest computed step's fused deltas, or None when nothing is cached."""
+        return self.delta_history[0][1] if self.delta_history else None
+
+    @property
+    def tap_value(self) -> torch.Tensor | None:
+        """The newest computed step's tap, or None."""
+        return self.tap_history[0][1] if self.tap_history else None
+
+    def _cached_tensors(self) -> list[torch.Tensor]:
+        return [t for _, deltas in self.delta_history for t in deltas] + [t for _, t in self.tap_history]
+
     def cache_bytes(self) -> int:
-        tensors = list(self.deltas or ()) + ([self.tap_value] if self.tap_value is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._cached_tensors())
 
     def clear_cache(self) -> None:
-        self.deltas = None
-        self.tap_value = None
+        self.delta_history = []
+        self.tap_history = []
         self.input_key = None
 
     def stats(self) -> dict[str, Any]:
@@ -78,7 +95,7 @@ class Session:
             "nonfinite_steps": list(self.nonfinite_steps),
             "events": list(self.events),
             "cache_bytes": self.cache_bytes(),
-            "cached_tensors": len(self.deltas or ()) + (1 if self.tap_value is not None else 0),
+            "cached_tensors": len(self._cached_tensors()),
         }
 
 
@@ -246,6 +263,8 @@ def run_step(session: Session, entry, inputs: list[torch.Tensor]) -> tuple[torch
     key = (id(entry), tuple(tuple(t.shape) for t in inputs), tuple(t.device for t in inputs))
     sched = session.schedule
     plan = entry.plan
+    programs = entry.programs
+    order = programs.forecast_order
     session.region_fraction = len(plan.region_blocks) / max(1, len(plan.all_blocks))
     if session.deltas is not None and session.input_key != key:
         session.events.append(f"step {step}: input signature changed mid-generation; computing in full")
@@ -253,25 +272,39 @@ def run_step(session: Session, entry, inputs: list[torch.Tensor]) -> tuple[torch
         session.clear_cache()
     if session.deltas is not None and not session.force_next and not sched.is_computed(step):
         sched.mark_skipped(step)
-        return tuple(entry.run_skip(*inputs, *session.deltas))
-    programs = entry.programs
+        history = session.delta_history
+        weights = extrapolation_weights([s for s, _ in history], step, order + 1) if order else None
+        cached = programs.skip_cached_inputs([deltas for _, deltas in history], weights)
+        return tuple(entry.run_skip(*inputs, *cached))
+    forecast_metric = sched.config.decision_metric == "forecast"
     had_tap = session.tap_value is not None
-    tap_prev = session.tap_value if had_tap else programs.zero_tap(inputs)
+    if not had_tap:
+        tap_prev = programs.zero_tap(inputs)
+    elif forecast_metric:
+        taps = session.tap_history
+        tap_prev = forecast([t for _, t in taps], extrapolation_weights([s for s, _ in taps], step, len(taps)))
+    else:
+        tap_prev = session.tap_value
     result = programs.decode_full(entry.run_full(*inputs, tap_prev))
     values = result.metric_values()  # the one host read of a computed step
     session.force_next = False
+    # The forecast metric is relative to the tap it forecast (||r - r_hat|| / ||r||), the reference's to r_prev.
+    denominator = values.tap_norm if forecast_metric else values.prev_norm
     if not values.finite:
         nan = float("nan")
         record = sched.observe(step, StepMetrics(nan, nan, values.motion) if had_tap else None)
         _nonfinite(session, step, "a delta or the tap holds NaN/Inf", warn=not record.nonfinite)
         return result.outputs
-    metrics = StepMetrics(values.diff_norm, values.prev_norm, values.motion) if had_tap else None
+    metrics = StepMetrics(values.diff_norm, denominator, values.motion) if had_tap else None
     if sched.observe(step, metrics).nonfinite:
         _nonfinite(session, step, "the metric is NaN/Inf", warn=False)
         return result.outputs
-    session.deltas, session.tap_value, session.input_key = result.deltas, result.tap, key
     if step >= session.num_steps:
         session.clear_cache()  # the generation is over; free its buffers
+        return result.outputs
+    session.delta_history = [(step, result.deltas), *session.delta_history][: order + 1]
+    session.tap_history = [(step, result.tap), *session.tap_history][: order + 1 if forecast_metric else 1]
+    session.input_key = key
     return result.outputs
 
 

@@ -70,8 +70,11 @@ def test_json_round_trip_is_exact_for_every_field():
         moreg=MoRegConfig(strides=[1, 2], window=(3, 0.75), threshold=0.4, power=6, scale=2, gradient_multiplier=5),
         norm_ord=2,
         enabled=False,
+        forecast_order=2,
+        decision_metric="forecast",
     )
     data = json.loads(config.to_json())
+    assert data["forecast_order"] == 2 and data["decision_metric"] == "forecast"
     assert data["codebook"] == [[0.1, 4], [0.25, 2], [3.0, 1]]
     assert data["moreg"]["window"] == [3, 0.75]
     restored = AdaCacheConfig.from_json(config.to_json())
@@ -156,6 +159,9 @@ def test_window_for_refuses_a_window_outside_the_generation():
         ({"region": (-1, 4)}, r"AdaCacheConfig\.region: expected \[start, stop\)"),
         ({"moreg": "on"}, r"AdaCacheConfig\.moreg: expected a MoRegConfig or None"),
         ({"enabled": 1}, r"AdaCacheConfig\.enabled: expected a bool"),
+        ({"forecast_order": 3}, r"AdaCacheConfig\.forecast_order: expected an int in 0\.\.2"),
+        ({"forecast_order": 1.0}, r"AdaCacheConfig\.forecast_order: expected an int in 0\.\.2"),
+        ({"decision_metric": "error"}, r"AdaCacheConfig\.decision_metric: expected one of \('change', 'forecast'\)"),
     ],
 )
 def test_invalid_adacache_config_names_the_field(changes, match):
@@ -197,3 +203,9 @@ def test_from_dict_refuses_unknown_fields():
 def test_from_json_reports_bad_text():
     with pytest.raises(ValueError, match=r"AdaCacheConfig\.from_json: JSON text is not valid JSON"):
         AdaCacheConfig.from_json("{not json")
+
+
+def test_configs_written_before_forecasting_load_as_the_reference():
+    old = {"codebook": [[0.1, 2], [1.0, 1]], "forced_steps": [1, -2, -1], "tap": None, "region": None, "moreg": None}
+    config = AdaCacheConfig.from_dict({**old, "norm_ord": 1, "enabled": True})
+    assert (config.forecast_order, config.decision_metric) == (0, "change")

@@ -278,7 +278,7 @@ def test_missing_artifact_and_unknown_format_are_refused(tmp_path):
     (tmp_path / "skip.onnx").unlink()
     with pytest.raises(ArtifactError, match=r"skip.onnx: missing"):
         verify_artifacts(tmp_path, manifest)
-    text = (tmp_path / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 99')
+    text = (tmp_path / "manifest.json").read_text().replace('"format_version": 2', '"format_version": 99')
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ArtifactError, match="unknown format version 99"):
         read_manifest(tmp_path)

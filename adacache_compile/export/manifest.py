@@ -52,10 +52,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the metrics vector holds ||tap|| (MetricValues.tap_norm); a forecasting skip program takes delta slots and
+# forecast_weights.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 # What each program input/output is to the runtime.
-ROLES = ("model_input", "model_output", "delta", "tap", "tap_prev", "metric")
+ROLES = ("model_input", "model_output", "delta", "tap", "tap_prev", "metric", "forecast_weights")
 # TensorRT plans run only under the TensorRT version that built them.
 ENGINE_SUFFIXES = (".plan", ".engine")
 # What a TensorRT plan is tied to: the TensorRT version and the GPU (tactics and kernels are chosen per device).

@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import ArtifactError
-from ..plan import FullResult
+from ..forecast import extrapolation_weights
+from ..plan import FORECAST_WEIGHTS, FullResult
 from . import onnx_export, ort_backend
 from .axes import Axes, safe_name
 from .fingerprint import stamp_fingerprint
@@ -51,9 +52,15 @@ def program_examples(programs, example_inputs) -> tuple[dict[str, list], dict[st
     tap_prev = torch.randn(programs.tap_shape(*example), dtype=programs.tap_dtype, device=example[0].device)
     with torch.no_grad():
         full = tuple(programs.full(*example, tap_prev))
-        deltas = list(programs.decode_full(full).deltas)
-        skip = tuple(programs.skip(*example, *deltas))
-    return {"full": example + [tap_prev], "skip": example + deltas}, {"full": full, "skip": skip}
+        deltas = programs.decode_full(full).deltas
+        # A forecasting skip program gets distinct slots and weights, so every slot and weight is checked.
+        slots = programs.forecast_order + 1
+        history = [tuple(d * (1.0 - 0.25 * j) for d in deltas) for j in range(slots)]
+        cached = programs.skip_cached_inputs(
+            history, extrapolation_weights(list(range(slots, 0, -1)), slots + 2, slots)
+        )
+        skip = tuple(programs.skip(*example, *cached))
+    return {"full": example + [tap_prev], "skip": example + cached}, {"full": full, "skip": skip}
 
 
 def to_onnx(
@@ -159,6 +166,12 @@ def _io_specs(entry, axes: Axes, full_inputs: list[torch.Tensor], full: FullResu
         cached_spec(safe_name(d), safe_name(d), node, t, "delta")
         for d, node, t in zip(programs.delta_names, _placeholders(programs.skip)[n:], full.deltas)
     ]
+    skip_cached = [
+        TensorSpec(safe_name(name), list(node.meta["val"].shape), _dtype_name(node.meta["val"]), FORECAST_WEIGHTS)
+        if name == FORECAST_WEIGHTS
+        else cached_spec(safe_name(name), safe_name(name), node, node.meta["val"], "delta")
+        for name, node in zip(programs.skip_cached_names, _placeholders(programs.skip)[n:])
+    ]
     # The outputs' leading dims follow the frame input's layout; recorded as the example's shape with batch named.
     batch = "batch" in axes.canonical
     outputs = [
@@ -174,7 +187,7 @@ def _io_specs(entry, axes: Axes, full_inputs: list[torch.Tensor], full: FullResu
     metrics = TensorSpec("metrics", list(full.metrics.shape), _dtype_name(full.metrics), "metric")
     return {
         "full": (model_inputs + [tap_in], outputs + deltas + [tap_out, metrics]),
-        "skip": (model_inputs + deltas, outputs),
+        "skip": (model_inputs + skip_cached, outputs),
     }
 
 

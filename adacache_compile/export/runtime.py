@@ -186,6 +186,7 @@ def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> Compi
                 moreg_strides=tuple(runtime["moreg_strides"]),
                 num_outputs=int(runtime["num_outputs"]),
                 delta_names=list(runtime["delta_names"]),
+                forecast_order=AdaCacheConfig.from_dict(manifest.config).forecast_order,
             ),
         )
     except (KeyError, TypeError, ValueError) as e:

@@ -5,7 +5,10 @@ full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)
     model's outputs are computed from ``layout(x_in) + D`` (so a skip step fed this D reproduces them bitwise), plus
     the metric tap and the metric norms (the host reads ``metrics`` once per computed step; nothing else syncs).
 skip(*inputs, *deltas) -> outputs
-    no op of the region: each stream is ``layout(x_in) + D`` with the cached D.
+    no op of the region: each stream is ``layout(x_in) + D`` with the cached D. With ``forecast_order`` p > 0 the
+    program takes, per stream, the deltas of the last p + 1 computed steps and one ``forecast_weights`` vector, and D
+    is ``sum_j w_j * D_j`` (accumulated in float32): the extrapolation the host's weights describe
+    (:mod:`adacache_compile.forecast`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import PassError
-from ..plan import CachePlan, PassResult, Programs, Stream, pack_metrics
+from ..forecast import LOW_PRECISION, weights_dtype
+from ..plan import FORECAST_WEIGHTS, CachePlan, PassResult, Programs, Stream, pack_metrics
 from ._utils import SymbolTable, clean_up_graph
 
 __all__ = ["split_programs", "adacache_metrics"]
@@ -37,7 +41,7 @@ def adacache_metrics(
     strides: tuple[int, ...],
 ) -> torch.Tensor:
     """One float32 vector the host reads once per computed step (layout: :class:`~adacache_compile.plan.MetricValues`):
-    ``[all deltas and tap finite (1/0), ||r_prev - r||_p, ||r_prev||_p, (motion num, den) per MoReg stride]``."""
+    ``[all deltas and tap finite (1/0), ||r_prev - r||_p, ||r_prev||_p, ||r||_p, (motion num, den) per MoReg stride]``."""
     r = tap.float()
     r_prev = tap_prev.float()
     finite = torch.stack([torch.isfinite(t).all() for t in (tap, *deltas)]).all()
@@ -53,6 +57,7 @@ def adacache_metrics(
         finite,
         torch.linalg.vector_norm(r_prev - r, ord=norm_ord),
         torch.linalg.vector_norm(r_prev, ord=norm_ord),
+        torch.linalg.vector_norm(r, ord=norm_ord),
         motion,
     )
 
@@ -71,6 +76,7 @@ def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
         moreg_strides=_moreg_strides(plan),
         num_outputs=num_outputs,
         delta_names=[f"delta_{s.name}" for s in plan.streams],
+        forecast_order=_forecast_order(plan),
     )
     _check_skip_is_free_of_region(skip, plan)
     logger.info(
@@ -221,6 +227,10 @@ def _build_tap_shape(gm: fx.GraphModule, plan: CachePlan) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph, class_name="TapShape")
 
 
+def _forecast_order(plan: CachePlan) -> int:
+    return int(getattr(plan.config, "forecast_order", 0))
+
+
 def _build_skip(gm: fx.GraphModule, plan: CachePlan) -> fx.GraphModule:
     region = plan.region_nodes
     graph = fx.Graph()
@@ -228,6 +238,7 @@ def _build_skip(gm: fx.GraphModule, plan: CachePlan) -> fx.GraphModule:
     symbols = SymbolTable(gm.graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     first_region = next(n for n in gm.graph.nodes if n in region)
+    order = _forecast_order(plan)
     delta_inputs = []
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -247,14 +258,55 @@ def _build_skip(gm: fx.GraphModule, plan: CachePlan) -> fx.GraphModule:
             )
         env[node] = graph.node_copy(node, lambda n: env[n])
         if node is placeholders[-1]:
-            for stream in plan.streams:
-                delta = graph.placeholder(f"delta_{stream.name}")
-                delta.meta["val"] = stream.output.meta["val"]
-                delta_inputs.append(delta)
+            delta_inputs = _delta_inputs(graph, plan.streams, order)
     graph.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in gm.graph.output_node().args[0]))
     skip = fx.GraphModule(gm, graph, class_name="SkipProgram")
     clean_up_graph(skip)
     return skip
+
+
+def _placeholder(graph: fx.Graph, name: str, val) -> fx.Node:
+    node = graph.placeholder(name)
+    node.meta["val"] = val
+    return node
+
+
+def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+    """A new node whose ``val`` is ``target`` run on its arguments' fake values."""
+    node = graph.call_function(target, args, kwargs)
+    vals = fx.node.map_aggregate(args, lambda a: a.meta["val"] if isinstance(a, fx.Node) else a)
+    node.meta["val"] = target(*vals, **kwargs)
+    return node
+
+
+def _delta_inputs(graph: fx.Graph, streams: list[Stream], order: int) -> list[fx.Node]:
+    """The skip program's cached inputs, and per stream the delta it adds: the input itself (order 0), or
+    ``sum_j w_j * D_j`` over the stream's ``order + 1`` slots (see ``Programs.skip_cached_names``)."""
+    if order == 0:
+        return [_placeholder(graph, f"delta_{s.name}", s.output.meta["val"]) for s in streams]
+    slots = [
+        [
+            _placeholder(graph, f"delta_{s.name}_prev{j}" if j else f"delta_{s.name}", s.output.meta["val"])
+            for j in range(order + 1)
+        ]
+        for s in streams
+    ]
+    example = streams[0].output.meta["val"]
+    weights = _placeholder(graph, FORECAST_WEIGHTS, example.new_empty((order + 1,), dtype=weights_dtype(example.dtype)))
+    forecasts = []
+    for stream_slots in slots:
+        dtype = stream_slots[0].meta["val"].dtype
+        low_precision = dtype in LOW_PRECISION  # weights like (3, -3, 1) cancel: sum in float32
+        total = None
+        for j, delta in enumerate(stream_slots):
+            if low_precision:
+                delta = _call(graph, aten._to_copy.default, delta, dtype=torch.float32)
+            term = _call(graph, aten.mul.Tensor, delta, _call(graph, aten.select.int, weights, 0, j))
+            total = term if total is None else _call(graph, aten.add.Tensor, total, term)
+        if low_precision:
+            total = _call(graph, aten._to_copy.default, total, dtype=dtype)
+        forecasts.append(total)
+    return forecasts
 
 
 def _check_skip_is_free_of_region(skip: fx.GraphModule, plan: CachePlan) -> None:
