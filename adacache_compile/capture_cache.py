@@ -2,8 +2,8 @@
 
 A call is served by the newest capture whose signature takes it (structure, non-tensor arguments, ranks, static
 dims, dtypes, devices, dynamic dims inside their captured ranges); a call none can serve is captured anew, up to
-:data:`MAX_CAPTURES` kept. The runtime reads a capture source through four methods — ``lookup``, ``latest``,
-``bypass_reason`` and ``run_uncached`` — which :class:`CaptureCache` implements for a torch model and
+:data:`MAX_CAPTURES` kept. The runtime reads a capture source through five methods — ``lookup``, ``latest``,
+``accept`` (a new config), ``bypass_reason`` and ``run_uncached`` — which :class:`CaptureCache` implements for a torch model and
 :class:`~adacache_compile.export.runtime.ExportedCapture` for one exported, fixed capture.
 """
 
@@ -23,7 +23,7 @@ from .errors import AdaCacheError, InputMismatchError
 from .passes import run_passes
 from .plan import CachePlan, Programs
 
-__all__ = ["CompiledEntry", "CaptureCache", "MAX_CAPTURES", "BACKENDS"]
+__all__ = ["CompiledEntry", "CaptureCache", "programs_serve", "MAX_CAPTURES", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,18 +121,12 @@ class CaptureCache:
             ) from e
         return entry, entry.captured.flatten(args, kwargs)
 
-    def serves(self, config: AdaCacheConfig) -> bool:
-        """Whether the programs built so far compute what ``config`` reads (region, tap, norm order, MoReg strides,
-        forecast order); codebook, forced steps, decision metric and MoReg hyper-parameters are host-side and never
-        need a new capture."""
-        strides = tuple(config.moreg.strides) if config.moreg is not None else ()
-        return all(
-            (entry.plan.config.region, entry.plan.config.tap, entry.plan.config.norm_ord)
-            == (config.region, config.tap, config.norm_ord)
-            and entry.programs.forecast_order == config.forecast_order
-            and (not strides or entry.programs.moreg_strides == strides)
-            for entry in self.entries
-        )
+    def accept(self, config: AdaCacheConfig) -> None:
+        """Prepare for ``config``: captures whose programs compute something else are dropped (re-captured on the
+        next call)."""
+        if not programs_serve(self.entries, config):
+            logger.info("use_config: the programs depend on the changed fields; re-capturing on the next call")
+            self.clear()
 
     def clear(self) -> None:
         with self._lock:
@@ -159,6 +153,20 @@ class CaptureCache:
 
     def run_uncached(self, args: tuple, kwargs: dict):
         return self.model(*args, **kwargs)
+
+
+def programs_serve(entries: list[CompiledEntry], config: AdaCacheConfig) -> bool:
+    """Whether the programs of ``entries`` compute what ``config`` reads (region, tap, norm order, MoReg strides,
+    forecast order); codebook, forced steps, decision metric and MoReg hyper-parameters are host-side and never need
+    new programs."""
+    strides = tuple(config.moreg.strides) if config.moreg is not None else ()
+    return all(
+        (entry.plan.config.region, entry.plan.config.tap, entry.plan.config.norm_ord)
+        == (config.region, config.tap, config.norm_ord)
+        and entry.programs.forecast_order == config.forecast_order
+        and (not strides or entry.programs.moreg_strides == strides)
+        for entry in entries
+    )
 
 
 def _call_constants(captured: Captured, args, kwargs) -> dict[str, Any]:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ from .sessions import UNKNOWN_NUM_STEPS, Session, Sessions, run_step
 
 __all__ = ["CachedTransformer", "ProgramRuntime", "Session", "CompiledEntry", "optimize", "UNKNOWN_NUM_STEPS"]
 
-logger = logging.getLogger(__name__)
 
 # diffusers' CacheMixin methods: forwarded to the wrapped module they would hook a module the programs never call.
 _REFUSED_HOOK_METHODS = ("enable_cache", "disable_cache")
@@ -83,6 +81,15 @@ class ProgramRuntime(torch.nn.Module):
         """The capture source: a :class:`~adacache_compile.capture_cache.CaptureCache` (``captures.entries``,
         ``captures.latest()``), or an exported runtime's one fixed capture."""
         return self._captures
+
+    def use_config(self, config: AdaCacheConfig) -> None:
+        """Switch the AdaCache config; every branch starts clean. Codebook, forced steps, decision metric and MoReg
+        hyper-parameters are host-side and switch freely; what the programs compute (region, tap, norm order, MoReg
+        strides, forecast order) must match them: a torch runtime re-captures on the next call, an exported one
+        refuses."""
+        self._captures.accept(config)
+        self._reset_stateful_cache()
+        self.adacache_config = config
 
     # --- sessions ----------------------------------------------------------------------------------------------
     def cache_context(self, name: str, **kwargs):
@@ -155,16 +162,6 @@ class CachedTransformer(ProgramRuntime):
     def capture(self, args: tuple = (), kwargs: dict | None = None) -> CompiledEntry:
         """Capture the model for this call's input signature and build its programs (done lazily by forward)."""
         return self._captures.capture(args, kwargs or {}, self.adacache_config)
-
-    def use_config(self, config: AdaCacheConfig) -> None:
-        """Switch the AdaCache config. Codebook, forced steps and MoReg hyper-parameters are host-side and switch
-        freely; what the programs compute (region, tap, norm order, MoReg strides) must match them, or the
-        captures are dropped and rebuilt on the next call."""
-        if not self._captures.serves(config):
-            logger.info("use_config: the programs depend on the changed fields; re-capturing on the next call")
-            self._captures.clear()
-        self._reset_stateful_cache()
-        self.adacache_config = config
 
 
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")

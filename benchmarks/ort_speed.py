@@ -1,9 +1,9 @@
 """The same AdaCache schedule through the torch runtime and through the onnxruntime runtime of its export.
 
-Usage: python benchmarks/ort_speed.py [--steps 50] [--repeats 3] [--threads 1] [--out-dir DIR]
+Usage: python benchmarks/ort_speed.py [--steps 50] [--repeats 3] [--threads 1] [--preset fast-50] [--out-dir DIR]
 
-On the bundled testbed: one 50-step generation (``testbed.sample.sample``) per repeat, cached (preset ``fast-50``)
-and uncached (the same config with a codebook whose only rate is 1, so every step runs the full program; the loaded
+On the bundled testbed: one 50-step generation (``testbed.sample.sample``) per repeat, cached (``--preset``, default
+``fast-50``; a forecasting preset exports its forecasting skip program) and uncached (the same config with a codebook whose only rate is 1, so every step runs the full program; the loaded
 runtime switches to it with ``use_config``), on each backend. Prints the median seconds, each backend's speedup
 (uncached / cached), the ratio of the onnxruntime speedup to the torch speedup (target >= 0.95), whether both
 backends computed the same steps and the max abs difference of their final videos (target <= 1e-4).
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--preset", default=None, help="AdaCache preset to run (default fast-<steps>)")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the export here (default: a temp dir)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
     options.inter_op_num_threads = 1
 
     testbed = load_testbed()
-    cached_config = AdaCacheConfig.preset(f"fast-{args.steps}")
+    preset = args.preset or f"fast-{args.steps}"
+    cached_config = AdaCacheConfig.preset(preset)
     uncached_config = dataclasses.replace(cached_config, codebook=((1e9, 1),))
     module = optimize(testbed.transformer, cached_config)
     # One generation captures the programs with the sampler's own call (batch 2: conditional + unconditional).
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
                 results[backend, name] = measure(runtime, testbed, config, args.steps, args.repeats)
 
     speedup = {b: results[b, "uncached"]["seconds"] / results[b, "cached"]["seconds"] for b in ("torch", "onnxruntime")}
-    print(f"testbed, {args.steps} steps, preset fast-{args.steps}, threads={args.threads}, median of {args.repeats}")
+    print(f"testbed, {args.steps} steps, preset {preset}, threads={args.threads}, median of {args.repeats}")
     print()
     print("| backend | uncached s | cached s | computed steps | speedup |")
     print("|---|---|---|---|---|")

@@ -228,3 +228,23 @@ def test_onnxruntime_runs_the_forecasting_programs_like_torch(tmp_path, metric):
     (torch_out, torch_stats), (ort_out, ort_stats) = runs
     assert ort_stats["computed_steps"] == torch_stats["computed_steps"] == [1, 2, 5, 8, 9, 10]
     assert _rel(ort_out[-1], torch_out[-1]) <= 1e-4
+
+
+def test_exported_runtime_switches_host_side_config_and_refuses_one_needing_other_programs(tmp_path):
+    from adacache_compile import load
+    from adacache_compile.errors import ArtifactError
+    from adacache_compile.export import to_onnx
+
+    model, kwargs = build("tiny-dit", batch=2)
+    config = AdaCacheConfig(codebook=((10.0, 3),), forecast_order=1)
+    to_onnx(optimize(model, config, example_inputs=kwargs), tmp_path / "export")
+    runtime = load(tmp_path / "export", "onnxruntime")
+    every_step = config.replace(codebook=((1e9, 1),), decision_metric="forecast")
+    runtime.use_config(every_step)
+    with runtime.generation(6):
+        for i in range(6):
+            runtime(hidden_states=kwargs["hidden_states"], timestep=torch.full((2,), 900 - 100 * i, dtype=torch.long))
+    assert runtime.stats["history"][-1]["computed_steps"] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ArtifactError, match=r"forecast_order=1; this config needs other programs: re-export"):
+        runtime.use_config(config.replace(forecast_order=2))
+    assert runtime.adacache_config == every_step, "a refused config leaves the runtime as it was"

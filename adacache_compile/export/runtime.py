@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..capture import CallSignature, Captured, InputSpec
-from ..capture_cache import CompiledEntry
+from ..capture_cache import CompiledEntry, programs_serve
 from ..config import AdaCacheConfig
 from ..errors import ArtifactError, InputMismatchError
 from ..plan import Block, CachePlan, MoRegLayout, Programs
@@ -101,6 +101,15 @@ class ExportedCapture:
     def lookup(self, args, kwargs, config) -> tuple[CompiledEntry, list[torch.Tensor]]:
         # flatten() raises InputMismatchError naming the input for a call the exported profile cannot serve.
         return self.entry, self.entry.captured.flatten(args, kwargs)
+
+    def accept(self, config) -> None:
+        if not programs_serve(self.entries, config):
+            exported = self.entry.plan.config
+            raise ArtifactError(
+                f"{self.source}: the exported programs were built for region={exported.region}, tap={exported.tap!r}, "
+                f"norm_ord={exported.norm_ord}, MoReg strides {list(self.entry.programs.moreg_strides)}, "
+                f"forecast_order={exported.forecast_order}; this config needs other programs: re-export with it"
+            )
 
     def bypass_reason(self, args, kwargs) -> str | None:
         return None  # the exported programs carry no autograd and no training mode
