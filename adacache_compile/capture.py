@@ -187,36 +187,91 @@ def _leaf_names_out(out_spec: pytree.TreeSpec, num: int) -> list[str]:
     return ["output." + ".".join(path) if path else "output" for path in paths]
 
 
-def _dynamic_shapes(args, kwargs, dynamic: bool):
+# What capture tries, in order, when asked for dynamic shapes: every dim of size >= 2, then the batch dims only, then
+# none. Each later mode is a fallback for a model whose forward does host math on a size (numpy on a SymInt, ...).
+CAPTURE_MODES = ("dynamic", "batch", "static")
+_STATIC_DIMS = {"batch": "every dim but dim 0 (batch) is now static", "static": "every dim is now static"}
+
+
+def _dynamic_shapes(args, kwargs, mode: str):
     def spec(leaf):
-        if not isinstance(leaf, torch.Tensor) or not dynamic:
+        if not isinstance(leaf, torch.Tensor) or mode == "static":
             return None
         # Dim.AUTO lets export keep a dim dynamic where the model allows it and specialise it elsewhere; sizes < 2
         # would be specialised anyway (0/1 specialisation), so they are left static.
-        return {d: Dim.AUTO for d, size in enumerate(leaf.shape) if size >= 2} or None
+        dims = range(min(1, leaf.dim())) if mode == "batch" else range(leaf.dim())
+        return {d: Dim.AUTO for d in dims if leaf.shape[d] >= 2} or None
 
     if args:  # only for forward(*args): export's dynamic_shapes cannot name those inputs, so they stay static
-        logger.info("forward() takes *args: capturing with static shapes")
         return None
     return {name: pytree.tree_map(spec, value, is_leaf=lambda x: x is None) for name, value in kwargs.items()}
 
 
+def _failing_frame(error: BaseException) -> str:
+    """Where in the model's code an export failure happened: the innermost frame outside torch (and numpy)."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    library_dirs = tuple(str(__import__(m).__path__[0]) for m in ("torch", "numpy") if _importable(m))
+    user = [f for f in frames if not f.filename.startswith(library_dirs) and f.filename != __file__]
+    frame = user[-1] if user else (frames[-1] if frames else None)
+    if frame is None:
+        return "unknown frame"
+    return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _export(model, args, kwargs, mode: str):
+    exported = torch.export.export(
+        model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs, mode), strict=False
+    )
+    return exported.run_decompositions({})
+
+
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic: bool = True) -> Captured:
-    """Export ``model(*args, **kwargs)`` and rebuild it as a plain functional GraphModule over flat tensors."""
+    """Export ``model(*args, **kwargs)`` and rebuild it as a plain functional GraphModule over flat tensors.
+
+    With ``dynamic``, a dynamic capture that fails is retried with only the batch dims dynamic, then static, with one
+    warning naming the failing frame (a call with other static sizes later captures anew); ``CaptureError`` (an
+    ``UnsupportedModelError``) only when the static capture fails too."""
     kwargs = dict(kwargs or {})
     forward_sig = _forward_signature(model)
     args, kwargs = normalize_call(forward_sig, args, kwargs)
     model_class = type(model).__name__
-    try:
-        exported = torch.export.export(
-            model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs, dynamic), strict=False
-        )
-        exported = exported.run_decompositions({})
-    except Exception as e:  # torch.export raises many unrelated types; all mean "cannot capture"
+    first_failure = last_failure = None
+    if dynamic and args:
+        logger.info("forward() takes *args: capturing with static shapes")
+    for mode in CAPTURE_MODES if dynamic and not args else ("static",):
+        try:
+            exported = _export(model, args, kwargs, mode)
+        except Exception as e:  # torch.export raises many unrelated types; all mean "cannot capture this way"
+            first_failure = first_failure or e
+            last_failure = e
+            logger.debug("%s: %s capture failed: %s", model_class, mode, e)
+            continue
+        if first_failure is not None:
+            logger.warning(
+                "%s: dynamic capture failed (%s: %s, at %s); captured with %s shapes: %s. A call with other sizes is "
+                "captured anew.",
+                model_class,
+                type(first_failure).__name__,
+                _first_line(first_failure),
+                _failing_frame(first_failure),
+                mode,
+                _STATIC_DIMS[mode],
+            )
+        break
+    else:
+        e = last_failure
         raise CaptureError(
-            f"{model_class}: torch.export.export(strict=False) failed: {type(e).__name__}: {str(e).splitlines()[0]}. "
-            "adacache-compile needs a model that torch.export can capture; data-dependent Python control flow on "
-            "tensor values inside forward() is the usual cause."
+            f"{model_class}: torch.export.export(strict=False) failed with static shapes: {type(e).__name__}: "
+            f"{_first_line(e)} (at {_failing_frame(e)}). adacache-compile needs a model that torch.export can "
+            "capture; data-dependent Python control flow on tensor values inside forward() is the usual cause."
         ) from e
 
     graph_module = _unlift(model, exported)
@@ -249,6 +304,11 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         len(graph_module.graph.nodes),
     )
     return captured
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else ""
 
 
 def _forward_signature(model) -> inspect.Signature | None:
