@@ -3,7 +3,8 @@
 A call is served by the newest capture whose signature takes it (structure, non-tensor arguments, ranks, static
 dims, dtypes, devices, dynamic dims inside their captured ranges); a call none can serve is captured anew, up to
 :data:`MAX_CAPTURES` kept. The runtime reads a capture source through five methods — ``lookup``, ``latest``,
-``accept`` (a new config), ``bypass_reason`` and ``run_uncached`` — which :class:`CaptureCache` implements for a torch model and
+``accept`` (a new config), ``refresh`` (drop captures of a changed model), ``bypass_reason`` and ``run_uncached`` —
+which :class:`CaptureCache` implements for a torch model and
 :class:`~adacache_compile.export.runtime.ExportedCapture` for one exported, fixed capture.
 """
 
@@ -23,7 +24,7 @@ from .errors import AdaCacheError, InputMismatchError
 from .passes import run_passes
 from .plan import CachePlan, Programs
 
-__all__ = ["CompiledEntry", "CaptureCache", "programs_serve", "MAX_CAPTURES", "BACKENDS"]
+__all__ = ["CompiledEntry", "CaptureCache", "model_state", "programs_serve", "MAX_CAPTURES", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class CaptureCache:
         self.cuda_graphs = cuda_graphs
         self.dynamic = dynamic
         self.entries: list[CompiledEntry] = []
+        self.captures_made = 0  # how many captures this cache has run (a new one per signature or model change)
+        self._model_state: tuple | None = None  # model_state(model) when the entries were captured
         self._lock = threading.RLock()
         self._uncached_warned: set[str] = set()
 
@@ -69,6 +72,9 @@ class CaptureCache:
     def capture(self, args: tuple, kwargs: dict, config: AdaCacheConfig) -> CompiledEntry:
         """Capture the model for this call's input signature and build its programs."""
         with self._lock:
+            state = model_state(self.model)
+            if self.entries and state != self._model_state:
+                self._drop_stale(state)
             captured = capture(self.model, args, kwargs, dynamic=self.dynamic)
             plan = CachePlan(
                 model=self.model,
@@ -80,6 +86,8 @@ class CaptureCache:
             run_passes(captured.graph_module, plan)
             entry = CompiledEntry(captured, plan, *self.runners(plan.programs))
             self.entries.append(entry)
+            self.captures_made += 1
+            self._model_state = state
             if len(self.entries) > MAX_CAPTURES:
                 self.entries.pop(0)
             logger.info("adacache plan for %s:\n%s", type(self.model).__name__, plan.describe())
@@ -132,6 +140,27 @@ class CaptureCache:
         with self._lock:
             self.entries.clear()
 
+    def refresh(self) -> bool:
+        """Drop the captures when the model changed since they were made (a LoRA added, fused or re-weighted, a
+        submodule or parameter replaced, a dtype or device move); True when it did. The runtime calls it once per
+        generation: in-place updates of parameter values need no new capture (the programs share the parameters)."""
+        with self._lock:
+            if not self.entries:
+                return False
+            state = model_state(self.model)
+            if state == self._model_state:
+                return False
+            self._drop_stale(state)
+            return True
+
+    def _drop_stale(self, state: tuple) -> None:
+        logger.info(
+            "%s changed since it was captured (%s); re-capturing",
+            type(self.model).__name__,
+            describe_change(self._model_state, state),
+        )
+        self.entries.clear()
+
     def bypass_reason(self, args: tuple, kwargs: dict) -> str | None:
         """Why this call must run the original module uncached, or None.
 
@@ -153,6 +182,47 @@ class CaptureCache:
 
     def run_uncached(self, args: tuple, kwargs: dict):
         return self.model(*args, **kwargs)
+
+
+def model_state(model: torch.nn.Module) -> tuple:
+    """What the captured programs depend on besides parameter values: the module tree (names, identities, types),
+    every parameter's and buffer's identity, dtype, device and shape, and the state of peft's LoRA layers (active,
+    disabled and merged adapters, scaling: values the capture bakes into the graph)."""
+    modules = tuple((name, id(m), type(m).__qualname__, _adapter_state(m)) for name, m in model.named_modules())
+    tensors = tuple(
+        (name, id(t), t.dtype, t.device, tuple(t.shape))
+        for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    )
+    return modules, tensors
+
+
+def _adapter_state(module: torch.nn.Module) -> tuple | None:
+    if not hasattr(module, "merged_adapters"):  # a peft tuner layer (BaseTunerLayer) has these
+        return None
+    scaling = getattr(module, "scaling", {})
+    return (
+        tuple(module.active_adapters),
+        bool(module.disable_adapters),
+        tuple(module.merged_adapters),
+        tuple(sorted(scaling.items())) if isinstance(scaling, dict) else scaling,
+    )
+
+
+def describe_change(old: tuple | None, new: tuple) -> str:
+    """The first difference between two :func:`model_state` values, for the log."""
+    if old is None:
+        return "no earlier state"
+    (old_modules, old_tensors), (new_modules, new_tensors) = old, new
+    for kind, before, after in (("module", old_modules, new_modules), ("tensor", old_tensors, new_tensors)):
+        before_by_name, after_by_name = {e[0]: e for e in before}, {e[0]: e for e in after}
+        for name in [*after_by_name, *(n for n in before_by_name if n not in after_by_name)]:
+            if before_by_name.get(name) != after_by_name.get(name):
+                if name not in before_by_name:
+                    return f"{kind} {name!r} added"
+                if name not in after_by_name:
+                    return f"{kind} {name!r} removed"
+                return f"{kind} {name!r} replaced or reconfigured"
+    return "module order changed"
 
 
 def programs_serve(entries: list[CompiledEntry], config: AdaCacheConfig) -> bool:

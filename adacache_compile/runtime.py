@@ -132,6 +132,9 @@ class ProgramRuntime(torch.nn.Module):
         entry, inputs = captures.lookup(args, kwargs, self.adacache_config)
         if session is None:
             session = self._sessions.for_call(lambda: _timestep_of(args, kwargs))
+        # Once per generation: a model changed since capture (LoRA, replaced modules, dtype) never runs a stale graph.
+        if session.step == 0 and captures.refresh():
+            entry, inputs = captures.lookup(args, kwargs, self.adacache_config)
         with torch.no_grad():
             return entry.captured.unflatten(run_step(session, entry, inputs))
 

@@ -119,6 +119,7 @@ class Sessions:
         self._live: dict[str, Session] = {}
         self._history: list[tuple[str, dict]] = []
         self._ctx = _Context()
+        self._generations: dict[int, Session] = {}  # the sessions of the generation() blocks running, by id
         self._lock = threading.RLock()
         self._warned_moreg_without_n = False
 
@@ -144,10 +145,14 @@ class Sessions:
         session = self.new_session(num_steps, name)
         saved = self._ctx.session
         self._ctx.session = session
+        with self._lock:
+            self._generations[id(session)] = session
         try:
             yield session
         finally:
             self._ctx.session = saved
+            with self._lock:
+                self._generations.pop(id(session), None)
             self._retire(session)
 
     def new_session(self, num_steps: int | None, name: str = "session") -> Session:
@@ -155,11 +160,14 @@ class Sessions:
         return Session(name=name, num_steps=n or UNKNOWN_NUM_STEPS, schedule=self._schedule(n, name))
 
     def reset(self) -> None:
-        """Every branch starts clean: the live sessions are retired (their stats go to ``history``)."""
+        """Every session starts clean (diffusers' reset contract): the live branches are retired and every running
+        ``generation()`` (in any thread) starts its generation anew with its next call; stats go to ``history``."""
         with self._lock:
             for session in self._live.values():
                 self._retire(session)
             self._live.clear()
+            for session in self._generations.values():
+                self._restart(session)
 
     # --- routing ---------------------------------------------------------------------------------------------------
     def for_call(self, timestep: Callable[[], float | None]) -> Session:

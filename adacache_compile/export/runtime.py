@@ -111,6 +111,9 @@ class ExportedCapture:
                 f"forecast_order={exported.forecast_order}; this config needs other programs: re-export with it"
             )
 
+    def refresh(self) -> bool:
+        return False  # the exported programs are their own model: nothing can change them after export
+
     def bypass_reason(self, args, kwargs) -> str | None:
         return None  # the exported programs carry no autograd and no training mode
 
