@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import AdaCacheConfig
-from .runtime import CachedTransformer, optimize
+from .runtime import ProgramRuntime, optimize
 
 __all__ = ["apply", "remove", "is_applied", "TRANSFORMER_ATTRIBUTES"]
 
@@ -35,19 +35,21 @@ class _Applied:
     """What :func:`apply` changed on one pipeline, so that :func:`remove` can undo exactly that."""
 
     originals: dict[str, Any]
-    cached: dict[str, CachedTransformer]
+    cached: dict[str, ProgramRuntime]
     scheduler: Any
     # The scheduler's own instance attribute ``set_timesteps`` before wrapping (_MISSING: it used its class method).
     instance_set_timesteps: Any = _MISSING
     calls: list[int] = field(default_factory=list)
 
 
-def apply(pipe, config: AdaCacheConfig | str | None = None, **optimize_kwargs):
+def apply(pipe, config: AdaCacheConfig | str | None = None, *, runtime=None, **optimize_kwargs):
     """Swap ``pipe``'s transformer(s) for cached ones (see :func:`~adacache_compile.optimize`); returns ``pipe``.
 
-    ``config`` and ``optimize_kwargs`` go to ``optimize`` for every transformer. N is learnt per pipeline call from
-    the scheduler (``num_steps`` need not be given). The pipeline's config is left naming the original classes, so
-    ``save_pretrained`` still writes loadable components. Undo with :func:`remove`.
+    ``config`` and ``optimize_kwargs`` go to ``optimize`` for every transformer. ``runtime``: run an exported
+    runtime instead (``adacache_compile.load(dir, "onnxruntime")``; a dict ``{"transformer": ..., "transformer_2":
+    ...}`` for a pipeline with two), with ``config`` switched in by ``use_config`` when given. N is learnt per
+    pipeline call from the scheduler (``num_steps`` need not be given). The pipeline's config is left naming the
+    original classes, so ``save_pretrained`` still writes loadable components. Undo with :func:`remove`.
     """
     if is_applied(pipe):
         raise RuntimeError(
@@ -61,10 +63,10 @@ def apply(pipe, config: AdaCacheConfig | str | None = None, **optimize_kwargs):
             f"{' or '.join('pipe.' + name for name in TRANSFORMER_ATTRIBUTES)} (UNet pipelines are not supported)"
         )
     for name, module in present.items():
-        if isinstance(module, CachedTransformer):
+        if isinstance(module, ProgramRuntime):
             raise RuntimeError(
-                f"pipe.{name} is already a CachedTransformer built by optimize(); pass the pipeline its original "
-                "transformer (cached._orig_mod) before apply(), or use the cached module directly"
+                f"pipe.{name} is already a {type(module).__name__}; pass the pipeline its original transformer "
+                "(cached._orig_mod) before apply(), or use the cached module directly"
             )
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
@@ -74,7 +76,8 @@ def apply(pipe, config: AdaCacheConfig | str | None = None, **optimize_kwargs):
 
     if isinstance(config, str):
         config = AdaCacheConfig.preset(config)
-    cached = {name: optimize(module, config, **optimize_kwargs) for name, module in present.items()}
+    cached = _runtimes(runtime, present, config) if runtime is not None else None
+    cached = cached or {name: optimize(module, config, **optimize_kwargs) for name, module in present.items()}
     record = _Applied(
         originals=present,
         cached=cached,
@@ -88,6 +91,21 @@ def apply(pipe, config: AdaCacheConfig | str | None = None, **optimize_kwargs):
     object.__setattr__(pipe, _RECORD_ATTRIBUTE, record)
     logger.info("adacache applied to %s: %s", type(pipe).__name__, ", ".join(f"pipe.{name}" for name in cached))
     return pipe
+
+
+def _runtimes(runtime, present: dict[str, Any], config: AdaCacheConfig | None) -> dict[str, ProgramRuntime]:
+    runtimes = dict(runtime) if isinstance(runtime, dict) else {"transformer": runtime}
+    if set(runtimes) != set(present):
+        raise ValueError(
+            f"apply(runtime=...): the pipeline has {sorted(present)} but runtimes were given for {sorted(runtimes)}; "
+            "pass a dict with one runtime per transformer"
+        )
+    for name, module in runtimes.items():
+        if not isinstance(module, ProgramRuntime):
+            raise TypeError(f"apply(runtime=...): {name} is a {type(module).__name__}, not adacache_compile.load(...)")
+        if config is not None:
+            module.use_config(config)
+    return runtimes
 
 
 def remove(pipe):

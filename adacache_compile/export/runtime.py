@@ -143,6 +143,18 @@ class ExportedTransformer(ProgramRuntime):
         """The plan of the model the programs were exported from, as ``CachePlan.describe()`` printed it."""
         return self.manifest.runtime.get("describe", "")
 
+    # What a diffusers pipeline reads of its transformer besides ``config`` (``transformer.dtype`` for the latents,
+    # ``pipe.device`` / ``_execution_device`` from its components' ``device``).
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first model input (the latents) the programs were exported for."""
+        return self._captures.entry.captured.input_specs[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the programs run (onnxruntime: ``cpu`` or ``cuda``; TensorRT: ``cuda``)."""
+        return self._captures.entry.captured.input_specs[0].device
+
 
 def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> CompiledEntry:
     from .axes import TapShape
