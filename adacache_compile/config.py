@@ -54,6 +54,20 @@ CODEBOOK_FAST_50: Codebook = ((0.0647, 6), (0.0704, 5), (0.0780, 4), (0.0891, 3)
 # slow-50: the slow template (rates 3, 2, 1) scaled to compute 45 % of the steps on the calibration videos
 # (`adacache-compile calibrate --target 0.45 --template slow`); the plain slow template computed 61 %.
 CODEBOOK_SLOW_50: Codebook = ((0.0671, 3), (0.0810, 2), (1e6, 1))
+# Forecasting presets (50 steps; forecast order 2, decision metric "change": the combination with the best mean PSNR
+# over both targets among orders 1, 2 x metrics change, forecast). Made by the measured selection
+# (adacache_compile.calibrate.select_config) with `adacache-compile calibrate --steps 50 --target fast-50 slow-50 0.28
+# 0.45 --forecast-order 0 1 2 --decision-metric change forecast --eval-videos 8 --max-candidates 6
+# --max-evaluations 12`: per-step metrics recorded at rate 1 with the target's forecast order and metric on the 12
+# calibration videos, the candidate codebook with the highest mean PSNR (against the uncached videos, on 8 of them)
+# whose measured compute fraction is within 0.01 of the target wins. Record: benchmarks/results/
+# calibration_testbed_50.json, combinations["f2-change"].
+# fast-50+f2: target 0.28, measured 0.282, 37.46 dB (order 0 at 0.28: 30.20 dB; shipped fast-50: 27.84 dB at 0.245).
+CODEBOOK_FAST_50_F2: Codebook = ((0.0518, 5), (0.1116, 4), (1e6, 1))
+# slow-50+f2: target 0.45, measured 0.450, 46.97 dB (order 0 at 0.45: 37.09 dB; shipped slow-50: 34.97 dB at 0.420).
+CODEBOOK_SLOW_50_F2: Codebook = ((0.0569, 3), (0.1226, 2), (1e6, 1))
+FORECAST_ORDER_50 = 2
+DECISION_METRIC_50 = "change"
 MOREG_WINDOW_50 = (5, 45)
 # MoReg's 0.385 is the motion level of the reference model's residual features at which MoReg is neutral; the
 # testbed's median motion inside the window (same calibration run) plays that role for the 50-step presets.
@@ -367,6 +381,10 @@ def _reference_presets() -> dict[str, AdaCacheConfig]:
         presets[name] = AdaCacheConfig(codebook=codebook)
         presets[f"{name}+moreg"] = AdaCacheConfig(
             codebook=codebook, moreg=MoRegConfig(window=MOREG_WINDOW_50, threshold=MOREG_THRESHOLD_50)
+        )
+    for name, codebook in (("fast-50", CODEBOOK_FAST_50_F2), ("slow-50", CODEBOOK_SLOW_50_F2)):
+        presets[f"{name}+f{FORECAST_ORDER_50}"] = AdaCacheConfig(
+            codebook=codebook, forecast_order=FORECAST_ORDER_50, decision_metric=DECISION_METRIC_50
         )
     return presets
 

@@ -1,5 +1,6 @@
 """The calibration algorithm (adacache_compile.calibrate) on hand-made metric sequences, with worked values."""
 
+import json
 import math
 
 import pytest
@@ -8,14 +9,24 @@ from adacache_compile import AdaCacheConfig, MoRegConfig
 from adacache_compile.calibrate import (
     RECORD_CONFIG,
     TEMPLATES,
+    CalibrationError,
     calibrate_config,
+    candidate_configs,
     codebook_from_metrics,
+    default_tolerance,
+    metric_growth,
     metrics_from_stats,
     moreg_threshold,
     motions_from_stats,
+    placed_codebook,
+    predict,
+    recorder_config,
+    select_config,
     simulate,
 )
+from adacache_compile.cli import main
 from adacache_compile.schedule import Schedule, StepMetrics
+from adacache_compile.testbed import CHECKPOINT_DIR
 
 # Rate 3 while the per-step metric stays below 0.5, else rate 1; forced steps 1, N-1, N (the default).
 TWO_RATES = AdaCacheConfig(codebook=((0.5, 3), (1e6, 1)))
@@ -157,3 +168,207 @@ def test_record_config_computes_every_step_and_measures_motion_throughout():
         assert schedule.is_computed(step)
         schedule.observe(step, StepMetrics(1e6, 1.0, ((1.0, 2.0),) * len(RECORD_CONFIG.moreg.strides)))
     assert schedule.computed_steps == list(range(1, 31))
+
+
+# --- measured selection (select_config) --------------------------------------------------------------------------
+
+
+def test_recorder_config_records_the_metric_the_target_acts_on():
+    target = AdaCacheConfig(
+        codebook=((0.1, 3), (1e6, 1)), forecast_order=2, decision_metric="forecast", tap=1, norm_ord=2, region=(0, 2)
+    )
+    record = recorder_config(target)
+    assert record.codebook == ((1e12, 1),)  # rate 1 whatever the metric: every step computed and recorded
+    assert (record.forecast_order, record.decision_metric, record.tap, record.norm_ord, record.region) == (
+        2,
+        "forecast",
+        1,
+        2,
+        (0, 2),
+    )
+    assert record.moreg.window == (1, 1.0)
+    # Without a target: the reference metric, the RECORD_CONFIG of before.
+    assert recorder_config() == RECORD_CONFIG
+    assert RECORD_CONFIG == AdaCacheConfig(codebook=((1e12, 1),), moreg=MoRegConfig(window=(1, 1.0)))
+
+
+def test_simulate_with_a_growth_exponent_and_the_default_growth():
+    # Every config is simulated with growth 1 (the sum of the per-step metrics; measured on the testbed, see
+    # metric_growth), the forecast metric too; other exponents can be asked for.
+    linear = TWO_RATES.replace(forecast_order=1, decision_metric="forecast")
+    assert metric_growth(TWO_RATES) == metric_growth(linear) == 1
+    # 10 steps, per-step metric 0.2. Growth 1: step 2 sees 0.2 -> rate 3; step 5 sees 0.6 / 3 = 0.2 -> rate 3; step
+    # 8 likewise; 9, 10 forced. Growth 2: step 5 sees 0.6 * 3 (spacing 3) / 3 = 0.6 >= 0.5 -> rate 1; step 6 sees
+    # 0.2 -> rate 3; step 9 (forced) 0.6 again; 10 forced. Growth 3: 0.6 * 9 / 3 = 1.8 on step 5, the same.
+    series = [0.2] * 9
+    assert simulate(TWO_RATES, series, 10) == simulate(linear, series, 10) == [1, 2, 5, 8, 9, 10]
+    assert simulate(linear, series, 10, growth=2) == [1, 2, 5, 6, 9, 10]
+    assert simulate(linear, series, 10, growth=3) == [1, 2, 5, 6, 9, 10]
+    # The error proxy sums what each skipped step would have shown: skips 3 4 6 7: 0.2 + 0.4 + 0.2 + 0.4.
+    assert predict(TWO_RATES, [series], 10) == pytest.approx((0.6, 1.2))
+    assert predict(linear, [series, [0.1] * 9], 10) == pytest.approx((0.6, 0.9))  # mean of 1.2 and 0.6
+
+
+def test_placed_codebook_scales_or_shifts_the_quantiles():
+    metrics = [0.1 * k for k in range(1, 12)]  # quantile q at 0.1 + q
+    scaled = placed_codebook(metrics, (0.3, 0.6), (3, 2), "scale", 2.0)
+    assert [t for t, _ in scaled[:-1]] == pytest.approx([0.8, 1.4]) and [r for _, r in scaled] == [3, 2, 1]
+    unshifted = placed_codebook(metrics, (0.3, 0.6), (3, 2), "shift", 0.0)
+    assert [t for t, _ in unshifted[:-1]] == pytest.approx([0.4, 0.7]) and [r for _, r in unshifted] == [3, 2, 1]
+    # A logit shift of ln 3 moves quantile 1/4 to 1/2 and 1/2 to 3/4: thresholds 0.6 and 0.85.
+    shifted = placed_codebook(metrics, (0.25, 0.5), (4, 2), "shift", math.log(3))
+    assert [t for t, _ in shifted[:-1]] == pytest.approx([0.6, 0.85])
+    with pytest.raises(ValueError, match="family 'stretch'"):
+        placed_codebook(metrics, (0.5,), (2,), "stretch", 1.0)
+
+
+# Two steady runs over 20 steps: per-step metric 0.125 (A) and 0.375 (B). Every computed step of a run sees its own
+# constant, so each run keeps one rate r from step 2: computed 1, 2, 2 + r, ... <= 18, then the forced 19 and 20 —
+# r = 1: 20 steps, 2: 12, 3: 9, 4: 8, 5: 7, 6: 6. Pooled quantiles lie between 0.125 and 0.375.
+STEADY = [[0.125] * 19, [0.375] * 19]
+
+
+def test_candidates_predicted_fractions_on_steady_runs():
+    candidates = {c.name: c for c in candidate_configs(STEADY, 20, 0.44)}
+    # One threshold placed by quantile can never exceed the largest metric 0.375: B stays at rate 1; best for 0.44 is
+    # A at rate 3: (9 + 20) / 40.
+    assert candidates["shift:3"].predicted_fraction == pytest.approx(0.725)
+    # Scaled thresholds can pass 0.375: both runs at rate 3, 9 / 20.
+    assert candidates["scale:slow"].predicted_fraction == pytest.approx(0.45)
+    # Rates 4, 2: both at 4 (0.40, 0.04 off) beats A 4 / B 2 ((8 + 12) / 40 = 0.50, 0.06 off).
+    assert candidates["scale:4-2"].predicted_fraction == pytest.approx(0.4)
+    # Shifted 6-4-2: A at rate 6, B at rate 2: (6 + 12) / 40.
+    assert candidates["shift:6-4-2"].predicted_fraction == pytest.approx(0.45)
+    # The fast template is the evenly spaced 6-5-4-3-2 ladder: one candidate per family, not two.
+    assert "scale:6-5-4-3-2" not in candidates and "scale:fast" in candidates
+    for c in candidates.values():
+        assert c.solved_for == 0.44
+        assert c.predicted_fraction == pytest.approx(predict(c.config, STEADY, 20)[0])
+
+
+def squared_drift(config, bias=0.0):
+    """A fake but honest evaluation: error = mean over the runs of the sum, over skipped steps, of the squared drift
+    since the last computed step; fraction = simulated fraction + bias."""
+    errors, fractions = [], []
+    for run in STEADY:
+        computed = simulate(config, run, 20)
+        errors.append(
+            sum((run[0] * (s - max(c for c in computed if c < s))) ** 2 for s in range(1, 21) if s not in computed)
+        )
+        fractions.append(len(computed) / 20)
+    return sum(errors) / len(errors), sum(fractions) / len(fractions) + bias
+
+
+def test_select_config_picks_the_least_measured_error_within_the_tolerance():
+    calls = []
+
+    def evaluate(config):
+        calls.append(config)
+        return squared_drift(config)
+
+    result = select_config(STEADY, 20, 0.44, evaluate)
+    assert result.tolerance == default_tolerance(20) == 0.025
+    # Within 0.44 +- 0.025: scale:slow (A and B at rate 3): A 5 gaps of drift 0.125, 0.25 and a skip of 0.125 before
+    # the forced 19 -> 5 * 0.078125 + 0.015625 = 0.40625, B 9 times that; mean 2.03125. shift:6-4-2 (A rate 6, B
+    # rate 2): A 2 * 55 / 64 + 30 / 64 = 2.1875, B 8 * 0.140625 = 1.125; mean 1.65625 — the winner. shift:fast (A
+    # rate 5, B rate 2) has less error, 1.2734375, but computes 0.475: outside, not chosen.
+    assert result.winner.name == "shift:6-4-2"
+    assert result.winner.error == pytest.approx(1.65625) and result.winner.measured_fraction == pytest.approx(0.45)
+    measured = {c.name: c for c in result.candidates if c.error is not None}
+    assert measured["scale:slow"].error == pytest.approx(2.03125)
+    assert measured["shift:fast"].error == pytest.approx(1.2734375)
+    assert measured["shift:fast"].measured_fraction == pytest.approx(0.475)
+    # Ranked by the predicted proxy, the first five measured: shift:fast, scale:slow, shift:6-4-2, scale:4-3 (one of
+    # the five with its simulated schedules; shift:4-3, 4-3-2, 5-4-3 take the same and are not measured), scale:fast.
+    names = [c.name for c in result.candidates if c.error is not None]
+    assert names == ["shift:fast", "scale:slow", "shift:6-4-2", "scale:4-3", "scale:fast", "scale:fast"]
+    # The refinement: scale:fast measured 0.40 (no bias here, 0.04 short), so it is re-solved for 0.48, which gives A
+    # rate 5 / B rate 2 (both runs like shift:fast's B): 0.50 with error 1.0 — less than the winner's, but outside.
+    refined = [c for c in result.candidates if c.name == "scale:fast" and c.error is not None][-1]
+    assert refined.solved_for == pytest.approx(0.48) and refined.measured_fraction == pytest.approx(0.5)
+    assert refined.error == pytest.approx(1.0)
+    # Then its points bracket 0.44, but interpolating gives back a codebook already measured: nothing new to measure.
+    assert len(calls) == result.evaluations == 6
+    assert result.to_dict()["winner"] == "shift:6-4-2"
+
+
+def test_select_config_corrects_for_the_measured_bias_of_the_simulation():
+    # The real schedule computes 0.05 less than the simulation predicts: after the first measurement the candidates
+    # are re-solved for 0.44 + 0.05, and every winner measured lands within the tolerance.
+    result = select_config(STEADY, 20, 0.44, lambda config: squared_drift(config, bias=-0.05))
+    measured = [c for c in result.candidates if c.error is not None]
+    assert measured[0].solved_for == 0.44
+    assert [c.solved_for for c in measured[1:5]] == pytest.approx([0.49] * 4)  # the rest of the first five
+    # Refinement: scale:slow measured 0.475 when solved for 0.49 (0.035 over): re-solved for 0.455, it measures 0.40.
+    assert (measured[5].name, measured[5].solved_for) == ("scale:slow", pytest.approx(0.455))
+    assert measured[5].measured_fraction == pytest.approx(0.40)
+    for c in measured:
+        assert c.measured_fraction == pytest.approx(c.predicted_fraction - 0.05)
+    assert abs(result.winner.measured_fraction - 0.44) <= 0.025
+    admitted = [c for c in measured if abs(c.measured_fraction - 0.44) <= 0.025]
+    assert result.winner.error == min(c.error for c in admitted)
+
+
+def test_select_config_refuses_when_no_candidate_lands_within_the_tolerance():
+    with pytest.raises(CalibrationError, match=r"no candidate computed 0.440 \+- 0.025 of the steps"):
+        select_config(STEADY, 20, 0.44, lambda config: (0.0, 1.0))
+    # A given config (e.g. a shipped preset) is measured too, and wins when it is the best within the tolerance.
+    given = AdaCacheConfig(codebook=((10.0, 3), (1e6, 1)))  # both runs at rate 3: 0.45
+    result = select_config(
+        STEADY, 20, 0.44, lambda config: (-1.0 if config == given else 5.0, 0.45), extra={"g": given}
+    )
+    assert result.winner.name == "g" and result.config == given
+    with pytest.raises(ValueError, match="target compute fraction"):
+        select_config(STEADY, 20, 0.0, squared_drift)
+
+
+# --- the testbed: a small real run ---------------------------------------------------------------------------------
+
+needs_checkpoint = pytest.mark.skipif(
+    not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="testbed checkpoint not shipped in this tree"
+)
+
+
+@needs_checkpoint
+def test_testbed_records_the_metric_of_the_target_and_the_cli_selects_by_measurement(tmp_path, capsys):
+    out = tmp_path / "calibration.json"
+    argv = ["calibrate", "--steps", "8", "--videos", "1", "--target", "0.6", "--forecast-order", "1"]
+    assert main([*argv, "--decision-metric", "change", "forecast", "--max-evaluations", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["combinations"]) == {"f1-change", "f1-forecast"}
+    change, forecast = report["combinations"]["f1-change"], report["combinations"]["f1-forecast"]
+    # Each combination is recorded with its own metric: rate 1, the target's forecast order and decision metric.
+    for entry, metric in ((change, "change"), (forecast, "forecast")):
+        assert entry["recorder"]["codebook"] == [[1e12, 1]]
+        assert (entry["recorder"]["forecast_order"], entry["recorder"]["decision_metric"]) == (1, metric)
+        assert [len(run) for run in entry["recorded_metrics"]] == [7]  # steps 2..8
+    # The forecast metric (error of the linear forecast of the tap) differs from the change from step 3 on.
+    assert change["recorded_metrics"][0][1:] != pytest.approx(forecast["recorded_metrics"][0][1:], rel=1e-3)
+    result = forecast["targets"]["0.6"]
+    assert report["targets"]["0.6"] == change["targets"]["0.6"] and report["tolerance"] == 0.0625  # 0.5 / 8
+    # Of 8 steps, 1, 2, 7 and 8 are always computed (0.5); the winner computes 0.6 +- 0.0625 when measured.
+    assert abs(result["measured_fraction"] - 0.6) <= 0.0625
+    config = AdaCacheConfig.from_dict(result["config"])
+    assert (config.forecast_order, config.decision_metric) == (1, "forecast")
+    measured = [c for c in result["candidates"] if c["error"] is not None]
+    assert 1 <= len(measured) <= 3 and all(c["predicted_fraction"] is not None for c in measured)
+    admitted = [c for c in measured if abs(c["measured_fraction"] - 0.6) <= 0.0625]
+    assert result["error"] == min(c["error"] for c in admitted)
+    assert result["psnr"] == pytest.approx(-result["error"]) and result["psnr"] > 10
+    assert "[f1-forecast] 0.6:" in capsys.readouterr().out
+
+
+def test_refinement_interpolates_or_steps_towards_the_measured_target():
+    from adacache_compile.calibrate import Candidate, _next_solve_for
+
+    def point(solved_for, measured):
+        return Candidate("f", TWO_RATES, 0.0, 0.0, "scale", solved_for=solved_for, measured_fraction=measured)
+
+    # Bracketing points: linear interpolation, 0.30 + 0.75 * 0.04.
+    assert _next_solve_for([point(0.30, 0.25), point(0.34, 0.29)], 0.28) == pytest.approx(0.33)
+    # One point: its bias removed, 0.30 + (0.28 - 0.25).
+    assert _next_solve_for([point(0.30, 0.25)], 0.28) == pytest.approx(0.33)
+    # Two points on one side, slope 1: a secant step 0.32 + 0.04.
+    assert _next_solve_for([point(0.30, 0.22), point(0.32, 0.24)], 0.28) == pytest.approx(0.36)
+    # A secant gain of 100 (the measured fraction hardly moved) is not trusted: the bias step, 0.40 + 0.029.
+    assert _next_solve_for([point(0.30, 0.25), point(0.40, 0.251)], 0.28) == pytest.approx(0.429)

@@ -46,6 +46,8 @@ def test_preset_registry_lists_all_names_and_unknown_names_are_refused():
         "fast-50+moreg",
         "slow-50",
         "slow-50+moreg",
+        "fast-50+f2",
+        "slow-50+f2",
     }
     with pytest.raises(ValueError, match=r"unknown AdaCache preset 'fast-40'.*fast-30\+moreg.*slow-30"):
         AdaCacheConfig.preset("fast-40")
