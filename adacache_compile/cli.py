@@ -81,18 +81,97 @@ def _config(spec: str | None):
     return AdaCacheConfig.from_json(spec)
 
 
+def _model_and_inputs(args) -> tuple[object, dict, dict]:
+    """``(model, example inputs, where they came from)`` for ``--model`` or a MODEL_SPEC (adacache_compile.model_spec)."""
+    if args.model_spec is None:
+        print(f"building {args.model} ...", file=sys.stderr)
+        model, example_inputs = build_model(args.model)
+        return model, example_inputs, {"model": {"kind": "builtin", "name": args.model}, "inputs": "builtin"}
+    from . import model_spec
+
+    dtype = model_spec.parse_dtype(args.dtype)
+    print(f"loading {args.model_spec} ...", file=sys.stderr)
+    source = model_spec.load_model_spec(args.model_spec, transformer=args.transformer, device=args.device, dtype=dtype)
+    if args.inputs is not None:
+        inputs, how = model_spec.inputs_from_safetensors(args.inputs, device=args.device), f"safetensors {args.inputs}"
+    elif args.shape:
+        inputs, how = (
+            model_spec.inputs_from_shapes(args.shape, device=args.device, dtype=dtype),
+            "shapes " + " ".join(args.shape),
+        )
+    elif args.prompt is not None:
+        pipe = source.pipeline
+        if args.pipeline is not None:
+            pipe = model_spec.load_model_spec(
+                args.pipeline, transformer=args.transformer, device=args.device, dtype=dtype
+            )
+            pipe = pipe.pipeline
+        if pipe is None:
+            raise SystemExit("error: --prompt records the pipeline's first transformer call: give a pipeline directory")
+        print("running the pipeline up to its first transformer call ...", file=sys.stderr)
+        setattr(pipe, args.transformer, source.model)
+        call = {"prompt": args.prompt, "num_inference_steps": args.steps, "output_type": "latent"}
+        call.update(
+            {
+                k: v
+                for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.num_frames))
+                if v is not None
+            }
+        )
+        inputs, how = model_spec.record_first_call(pipe, args.transformer, **call), f"pipeline call {call}"
+    elif source.example_inputs is not None:
+        inputs, how = dict(source.example_inputs), "factory"
+    else:
+        raise SystemExit(
+            f"error: {args.model_spec}: no example inputs; pass --prompt (a pipeline's first transformer call), "
+            "--inputs FILE.safetensors or --shape NAME=D0,D1,..."
+        )
+    if "return_dict" in _forward_parameters(source.model):
+        inputs.setdefault("return_dict", False)
+    return source.model, inputs, {"model": source.description, "inputs": how}
+
+
+def _forward_parameters(model) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def _optimize(args):
     from .runtime import optimize
 
-    print(f"building {args.model} ...", file=sys.stderr)
-    model, example_inputs = build_model(args.model)
+    model, example_inputs, source = _model_and_inputs(args)
     print("capturing and planning (torch.export + passes) ...", file=sys.stderr)
     dynamic = not getattr(args, "no_dynamic", False)
-    return optimize(model, _config(args.config), example_inputs=example_inputs, dynamic=dynamic)
+    cached = optimize(model, _config(args.config), example_inputs=example_inputs, dynamic=dynamic)
+    cached.example_source = source
+    return cached
 
 
 # --- inspect ---------------------------------------------------------------------------------------------------------
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+MODEL_SPEC_HELP = (
+    "your model: a save_pretrained directory, a pipeline directory or package.module:factory (default: --model)"
+)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    if positional:
+        parser.add_argument("model_spec", nargs="?", default=None, help=MODEL_SPEC_HELP)
+    source = parser.add_argument_group("MODEL_SPEC and its example inputs")
+    source.add_argument("--transformer", default="transformer", help="of a pipeline directory (or transformer_2)")
+    source.add_argument("--inputs", type=Path, default=None, help="a safetensors file of named example inputs")
+    source.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...[:DTYPE]", help="random input")
+    source.add_argument("--prompt", default=None, help="record the pipeline's first transformer call on this prompt")
+    source.add_argument("--pipeline", default=None, help="pipeline directory for --prompt (default: MODEL_SPEC)")
+    source.add_argument("--height", type=int, default=None)
+    source.add_argument("--width", type=int, default=None)
+    source.add_argument("--num-frames", type=int, default=None)
+    source.add_argument("--steps", type=int, default=2, help="num_inference_steps of the recorded pipeline call")
+    source.add_argument("--device", default="cpu")
+    source.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
     parser.add_argument(
         "--model",
         type=_model_name,
@@ -128,41 +207,96 @@ def _run_demo(args) -> int:
 # --- calibrate -------------------------------------------------------------------------------------------------------
 def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     from .calibrate import TEMPLATES
+    from .config import DECISION_METRICS, MAX_FORECAST_ORDER
 
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--target", nargs="+", default=["fast", "slow"], help="fast, slow, or a compute fraction")
     parser.add_argument(
-        "--template", default="fast", choices=sorted(TEMPLATES), help="codebook shape scaled to a compute fraction"
+        "--target",
+        nargs="+",
+        default=["fast", "slow"],
+        help="a compute fraction (measured selection of the codebook with the least error), a template name (fast, "
+        "slow: its quantiles, unmeasured) or a preset name (fast-50: the selection at that preset's measured compute)",
+    )
+    parser.add_argument(
+        "--template", default="fast", choices=sorted(TEMPLATES), help="template of a template-name target"
     )
     parser.add_argument(
         "--videos", type=int, default=None, help="record only the first N calibration videos (default: all 12)"
     )
-    parser.add_argument("--out", help="write the configs and the recorded metrics as JSON")
+    parser.add_argument(
+        "--eval-videos",
+        type=int,
+        default=None,
+        help="measure candidates on N of the recorded videos, spread over shapes and motions (default: all)",
+    )
+    parser.add_argument(
+        "--forecast-order",
+        type=int,
+        nargs="+",
+        default=[0],
+        choices=range(MAX_FORECAST_ORDER + 1),
+        help="forecast orders to calibrate for (each recorded with its own metric)",
+    )
+    parser.add_argument("--decision-metric", nargs="+", default=["change"], choices=DECISION_METRICS)
+    parser.add_argument("--compare", nargs="*", default=[], help="presets to measure for the report (order 0)")
+    parser.add_argument(
+        "--tolerance", type=float, default=None, help="measured fraction within target +- this (default 0.5 / steps)"
+    )
+    parser.add_argument("--max-candidates", type=int, default=5, help="candidates measured, best predicted first")
+    parser.add_argument("--max-evaluations", type=int, default=10, help="measurements per target, refinements too")
+    parser.add_argument("--out", help="write the configs, the candidates and the recorded metrics as JSON")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def _run_calibrate(args) -> int:
-    """Codebook thresholds from uncached runs of the testbed (fast / slow / compute fraction)."""
+    """Codebooks from the testbed: at a compute fraction, the candidate with the least measured error."""
+    from .calibrate import CalibrationError
     from .testbed.calibrate import CALIBRATION_VIDEOS, calibrate_testbed
 
-    if args.videos is not None and not 1 <= args.videos <= len(CALIBRATION_VIDEOS):
-        print(f"error: --videos {args.videos}: expected 1..{len(CALIBRATION_VIDEOS)}", file=sys.stderr)
+    count = len(CALIBRATION_VIDEOS)
+    if args.videos is not None and not 1 <= args.videos <= count:
+        print(f"error: --videos {args.videos}: expected 1..{count}", file=sys.stderr)
         return 2
-    calibrate_testbed(
-        args.steps,
-        args.target,
-        template=args.template,
-        videos=CALIBRATION_VIDEOS[: args.videos],
-        out=args.out,
-        progress=not args.no_progress,
-    )
+    videos = CALIBRATION_VIDEOS[: args.videos]
+    if args.eval_videos is not None and not 1 <= args.eval_videos <= len(videos):
+        print(f"error: --eval-videos {args.eval_videos}: expected 1..{len(videos)}", file=sys.stderr)
+        return 2
+    try:
+        report = calibrate_testbed(
+            args.steps,
+            args.target,
+            template=args.template,
+            videos=videos,
+            out=args.out,
+            progress=not args.no_progress,
+            forecast_orders=args.forecast_order,
+            decision_metrics=args.decision_metric,
+            eval_videos=args.eval_videos,
+            compare=args.compare,
+            tolerance=args.tolerance,
+            max_candidates=args.max_candidates,
+            max_evaluations=args.max_evaluations,
+        )
+    except (CalibrationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [
+        f"{key} {target}"
+        for key, entry in report["combinations"].items()
+        for target, result in entry["targets"].items()
+        if "failed" in result
+    ]
+    if failed:
+        print(f"error: no codebook within the tolerance for: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
 # --- export ----------------------------------------------------------------------------------------------------------
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_spec", nargs="?", default=None, help=MODEL_SPEC_HELP)
     parser.add_argument("out_dir", type=Path, help="export directory (replaced atomically)")
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, positional=False)
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     parser.add_argument("--no-dynamic", action="store_true", help="export static shapes (the example's)")
 
@@ -173,7 +307,7 @@ def _run_export(args) -> int:
 
     cached = _optimize(args)
     print(f"exporting full and skip programs to {args.out_dir} ...", file=sys.stderr)
-    to_onnx(cached, args.out_dir, dynamic=not args.no_dynamic, opset=args.opset)
+    to_onnx(cached, args.out_dir, dynamic=not args.no_dynamic, opset=args.opset, example_source=cached.example_source)
     print(f"wrote {', '.join(sorted(p.name for p in args.out_dir.iterdir()))} in {args.out_dir}")
     return 0
 
@@ -211,7 +345,13 @@ def _precision(name: str) -> str:
 
 
 def _add_build_engines_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_spec", nargs="?", default=None, help="export this model to OUT_DIR first: " + MODEL_SPEC_HELP
+    )
     parser.add_argument("out_dir", type=Path, help="export directory written by `export`")
+    _add_model_arguments(parser, positional=False)
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset of the export (with MODEL_SPEC)")
+    parser.add_argument("--no-dynamic", action="store_true", help="export static shapes (with MODEL_SPEC)")
     parser.add_argument("--precision", type=_precision, default="fp16", help="fp32, fp16 (default) or bf16")
     parser.add_argument("--timing-cache", type=Path, default=None, help="default: OUT_DIR/timing.cache")
     for bound in ("min", "opt", "max"):
@@ -239,6 +379,8 @@ def _run_build_engines(args) -> int:
     from .export import build_engines
 
     profiles = {bound: _axis_sizes(getattr(args, bound), bound) for bound in ("min", "opt", "max")}
+    if args.model_spec is not None:
+        _run_export(args)
     print(f"building TensorRT engines ({args.precision}) in {args.out_dir} ...", file=sys.stderr)
     try:
         engines = build_engines(

@@ -47,13 +47,6 @@ def test_unknown_model_is_refused_at_parse_time(capsys):
     assert "unknown model 'nope-tiny'" in capsys.readouterr().err
 
 
-def test_export_has_no_model_spec_argument(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", "some/model", str(tmp_path / "out"), "--model", "tiny-dit-tiny"])
-    assert exit_info.value.code == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     pytest.importorskip("onnx")

@@ -12,14 +12,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from diffusers import (  # noqa: E402
-    AutoencoderKLWan,
-    FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-    WanPipeline,
-)
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: E402
+from tiny_pipelines import tiny_wan_pipeline  # noqa: E402
 
 import adacache_compile  # noqa: E402
 from adacache_compile import AdaCacheConfig, CachedTransformer  # noqa: E402
@@ -31,49 +25,6 @@ NUM_STEPS = 8
 SKIPPING = AdaCacheConfig(codebook=((10.0, 3),))
 EXPECTED_COMPUTED = [1, 2, 5, 7, 8]
 EXPECTED_SKIPPED = [3, 4, 6]
-WORDS = ["a", "cat", "runs", "on", "the", "beach", "blurry", "low", "quality", "dog"]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def tiny_wan_pipeline(scheduler) -> WanPipeline:
-    torch.manual_seed(0)
-    transformer = tiny_model("wan")
-    vae = AutoencoderKLWan(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(WORDS) + 3,
-            d_model=16,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-        )
-    )
-    pipe = WanPipeline(
-        tokenizer=tiny_tokenizer(),
-        text_encoder=text_encoder.eval(),
-        vae=vae.eval(),
-        transformer=transformer.eval(),
-        scheduler=scheduler,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, prompt: str = "a cat runs on the beach") -> torch.Tensor:

@@ -72,6 +72,7 @@ def to_onnx(
     opset: int | None = None,
     max_sizes: Mapping[str, int] | None = None,
     verify: bool = True,
+    example_source: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export the latest capture's full and skip programs of ``cached`` (a :class:`CachedTransformer`) to ``out_dir``.
 
@@ -80,7 +81,8 @@ def to_onnx(
     shapes. ``max_sizes`` sets the profile maximum of named axes (``{"batch": 8}``). With ``verify`` (needs
     onnxruntime) each program is run once on the example and compared with the torch program; a fully dynamic export
     that fails this (the exporter mistranslates some size arithmetic, seen on Latte) is redone with only ``batch``
-    dynamic, with a warning. Returns ``out_dir``.
+    dynamic, with a warning. ``example_source`` describes where the example inputs came from (the CLI's MODEL_SPEC
+    and input source); the manifest records it under ``runtime.example_inputs``. Returns ``out_dir``.
     """
     if verify:
         try:
@@ -108,13 +110,21 @@ def to_onnx(
                 files=hash_artifacts(staging, files),
                 model=fingerprint,
                 versions=library_versions(),
-                runtime=runtime_section(entry),
+                runtime={**runtime_section(entry), "example_inputs": dict(example_source or {})},
             )
             write_manifest(staging, manifest)
             replace_dir(staging, out_dir)
             logger.info("exported %s to %s", entry.captured.model_class, out_dir)
             return out_dir
-    return to_onnx(cached, out_dir, dynamic=["batch"], opset=opset, max_sizes=max_sizes, verify=verify)
+    return to_onnx(
+        cached,
+        out_dir,
+        dynamic=["batch"],
+        opset=opset,
+        max_sizes=max_sizes,
+        verify=verify,
+        example_source=example_source,
+    )
 
 
 def _check_replaceable(out_dir: Path) -> None:
