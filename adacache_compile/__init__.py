@@ -1,7 +1,8 @@
 """adacache-compile: AdaCache (adaptive caching + MoReg) for video diffusion transformers as torch.fx passes.
 
 Entry points: :func:`optimize` (a drop-in cached module), :func:`apply` / :func:`remove` (diffusers pipelines),
-:func:`load` (exported ONNX / TensorRT programs), :class:`AdaCacheConfig`.
+:func:`load` (exported ONNX / TensorRT programs), :func:`calibrate` (a config for your own pipeline),
+:class:`AdaCacheConfig`.
 """
 
 from .config import AdaCacheConfig, MoRegConfig
@@ -26,6 +27,8 @@ __all__ = [
     "apply",
     "remove",
     "load",
+    "calibrate",
+    "calibrate_loop",
     "AdaCacheError",
     "ArtifactError",
     "CaptureError",
@@ -47,6 +50,20 @@ def remove(pipe):
     from .diffusers_integration import remove as _remove
 
     return _remove(pipe)
+
+
+def calibrate(pipe, prompts, **kwargs):
+    """Calibrate a config on your own diffusers pipeline (see :func:`adacache_compile.pipeline_calibration.calibrate`)."""
+    from .pipeline_calibration import calibrate as _calibrate
+
+    return _calibrate(pipe, prompts, **kwargs)
+
+
+def calibrate_loop(cached, generate, num_runs, **kwargs):
+    """Calibrate on a hand-written loop (see :func:`adacache_compile.pipeline_calibration.calibrate_loop`)."""
+    from .pipeline_calibration import calibrate_loop as _calibrate_loop
+
+    return _calibrate_loop(cached, generate, num_runs, **kwargs)
 
 
 def load(out_dir, backend: str = "onnxruntime", **kwargs):

@@ -111,6 +111,7 @@ def _model_and_inputs(args) -> tuple[object, dict, dict]:
         print("running the pipeline up to its first transformer call ...", file=sys.stderr)
         setattr(pipe, args.transformer, source.model)
         call = {"prompt": args.prompt, "num_inference_steps": args.steps, "output_type": "latent"}
+        call.update(_pipeline_args(args.pipeline_arg))
         call.update(
             {
                 k: v
@@ -129,6 +130,22 @@ def _model_and_inputs(args) -> tuple[object, dict, dict]:
     if "return_dict" in _forward_parameters(source.model):
         inputs.setdefault("return_dict", False)
     return source.model, inputs, {"model": source.description, "inputs": how}
+
+
+def _pipeline_args(items: list[str]) -> dict:
+    """``NAME=JSON`` items (``max_sequence_length=8``, ``negative_prompt="blurry"``) as pipeline call arguments."""
+    import json
+
+    values = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"error: --pipeline-arg {item!r}: expected NAME=JSON, e.g. max_sequence_length=226")
+        try:
+            values[name] = json.loads(text)
+        except json.JSONDecodeError:
+            values[name] = text  # a bare string
+    return values
 
 
 def _forward_parameters(model) -> set[str]:
@@ -170,6 +187,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = 
     source.add_argument("--width", type=int, default=None)
     source.add_argument("--num-frames", type=int, default=None)
     source.add_argument("--steps", type=int, default=2, help="num_inference_steps of the recorded pipeline call")
+    source.add_argument(
+        "--pipeline-arg", action="append", default=[], metavar="NAME=JSON", help="another pipeline call argument"
+    )
     source.add_argument("--device", default="cpu")
     source.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
     parser.add_argument(
@@ -206,7 +226,7 @@ def _run_demo(args) -> int:
 
 # --- calibrate -------------------------------------------------------------------------------------------------------
 def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    from .calibrate import TEMPLATES
+    from .calibration import TEMPLATES
     from .config import DECISION_METRICS, MAX_FORECAST_ORDER
 
     parser.add_argument("--steps", type=int, default=50)
@@ -244,14 +264,98 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-candidates", type=int, default=5, help="candidates measured, best predicted first")
     parser.add_argument("--max-evaluations", type=int, default=10, help="measurements per target, refinements too")
-    parser.add_argument("--out", help="write the configs, the candidates and the recorded metrics as JSON")
+    parser.add_argument(
+        "--out",
+        help="testbed: write the configs, the candidates and the recorded metrics as JSON; --pipeline: write the "
+        "calibrated AdaCacheConfig (AdaCacheConfig.from_json reads it)",
+    )
     parser.add_argument("--no-progress", action="store_true")
+    own = parser.add_argument_group("your own pipeline (instead of the bundled testbed)")
+    own.add_argument("--pipeline", default=None, help="a pipeline directory written by save_pretrained")
+    own.add_argument("--prompt", action="append", default=[], help="a calibration prompt (repeatable)")
+    own.add_argument("--prompts-file", type=Path, default=None, help="calibration prompts, one per line")
+    own.add_argument("--negative-prompt", default=None)
+    own.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
+    own.add_argument("--height", type=int, default=None)
+    own.add_argument("--width", type=int, default=None)
+    own.add_argument("--num-frames", type=int, default=None)
+    own.add_argument("--guidance-scale", type=float, default=None)
+    own.add_argument("--device", default="cpu")
+    own.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
+    own.add_argument(
+        "--pipeline-arg", action="append", default=[], metavar="NAME=JSON", help="another pipeline call argument"
+    )
+    own.add_argument("--report", type=Path, default=None, help="also write the calibration's candidates as JSON")
+
+
+def _run_calibrate_pipeline(args) -> int:
+    import json
+
+    import diffusers
+
+    from .model_spec import parse_dtype
+    from .pipeline_calibration import calibrate
+
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("error: --pipeline needs --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    if len(args.target) != 1 or len(args.forecast_order) != 1 or len(args.decision_metric) != 1:
+        print("error: --pipeline calibrates one --target, --forecast-order and --decision-metric", file=sys.stderr)
+        return 2
+    target = args.target[0]
+    target = target if target in ("fast", "slow") else float(target)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=parse_dtype(args.dtype))
+    pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    optional = {
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt,
+    }
+    calibration = calibrate(
+        pipe,
+        prompts,
+        num_inference_steps=args.steps,
+        target=target,
+        seeds=args.seeds,
+        forecast_order=args.forecast_order[0],
+        decision_metric=args.decision_metric[0],
+        progress=not args.no_progress,
+        report=True,
+        max_candidates=args.max_candidates,
+        max_evaluations=args.max_evaluations,
+        **{k: v for k, v in optional.items() if v is not None},
+        **_pipeline_args(args.pipeline_arg),
+    )
+    winner = calibration.winner
+    print(
+        f"{args.pipeline}: codebook {[(round(t, 4), r) for t, r in calibration.config.codebook]}, measured compute "
+        f"{winner.measured_fraction:.3f} (target {calibration.target:.3f}), error {winner.error:.2f}"
+    )
+    if args.out:
+        calibration.config.to_json(args.out)
+        print(f"wrote {args.out}")
+    if args.report is not None:
+        args.report.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
+    return 0
 
 
 def _run_calibrate(args) -> int:
-    """Codebooks from the testbed: at a compute fraction, the candidate with the least measured error."""
-    from .calibrate import CalibrationError
+    """Codebooks at a compute fraction, the candidate with the least measured error: the testbed, or --pipeline."""
+    from .calibration import CalibrationError
     from .testbed.calibrate import CALIBRATION_VIDEOS, calibrate_testbed
+
+    if args.pipeline is not None:
+        try:
+            return _run_calibrate_pipeline(args)
+        except (CalibrationError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     count = len(CALIBRATION_VIDEOS)
     if args.videos is not None and not 1 <= args.videos <= count:

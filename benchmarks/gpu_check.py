@@ -17,7 +17,7 @@ import time
 import torch
 
 import adacache_compile as ac
-from adacache_compile.calibrate import RECORD_CONFIG, calibrate_config, metrics_from_stats
+from adacache_compile.calibration import RECORD_CONFIG, calibrate_config, metrics_from_stats
 from adacache_compile.capture_cache import CompiledEntry
 from adacache_compile.config import AdaCacheConfig
 from adacache_compile.testbed.timing import timed_runs

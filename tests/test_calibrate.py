@@ -1,4 +1,4 @@
-"""The calibration algorithm (adacache_compile.calibrate) on hand-made metric sequences, with worked values."""
+"""The calibration algorithm (adacache_compile.calibration) on hand-made metric sequences, with worked values."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 
 from adacache_compile import AdaCacheConfig, MoRegConfig
-from adacache_compile.calibrate import (
+from adacache_compile.calibration import (
     RECORD_CONFIG,
     TEMPLATES,
     CalibrationError,
@@ -359,7 +359,7 @@ def test_testbed_records_the_metric_of_the_target_and_the_cli_selects_by_measure
 
 
 def test_refinement_interpolates_or_steps_towards_the_measured_target():
-    from adacache_compile.calibrate import Candidate, _next_solve_for
+    from adacache_compile.calibration import Candidate, _next_solve_for
 
     def point(solved_for, measured):
         return Candidate("f", TWO_RATES, 0.0, 0.0, "scale", solved_for=solved_for, measured_fraction=measured)

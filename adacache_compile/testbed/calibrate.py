@@ -1,10 +1,10 @@
 """``adacache-compile calibrate``: record the bundled testbed and calibrate codebooks on it with
-:mod:`adacache_compile.calibrate` (the algorithm; this module records, measures and reports).
+:mod:`adacache_compile.calibration` (the algorithm; this module records, measures and reports).
 
-- :func:`record_testbed`: rate-1 runs (:func:`~adacache_compile.calibrate.recorder_config` of the target config, so
+- :func:`record_testbed`: rate-1 runs (:func:`~adacache_compile.calibration.recorder_config` of the target config, so
   the recorded metric is the one the config acts on, for every forecast order and decision metric); their outputs
   are the uncached videos, the references of the evaluation.
-- :class:`TestbedEvaluator`: the ``evaluate`` of :func:`~adacache_compile.calibrate.select_config` — generate the
+- :class:`TestbedEvaluator`: the ``evaluate`` of :func:`~adacache_compile.calibration.select_config` — generate the
   calibration videos with a config and return ``(-mean PSNR, computed fraction, details)`` against the references.
 - :func:`calibrate_testbed`: both, per (forecast order, decision metric) and target, and the JSON report.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate import (
+from ..calibration import (
     CalibrationError,
     calibrate_config,
     default_tolerance,
@@ -193,7 +193,7 @@ def calibrate_testbed(
     ``forecast_orders`` x ``decision_metrics`` (order 0 with "forecast" is the change metric and is skipped when
     "change" is asked too); print them, write the report to ``out`` (JSON) when given and return it.
 
-    A target is a compute fraction (``"0.28"``: :func:`~adacache_compile.calibrate.select_config`, measured on the
+    A target is a compute fraction (``"0.28"``: :func:`~adacache_compile.calibration.select_config`, measured on the
     ``eval_videos`` videos spread over the list, default all), a template name (``"fast"``, ``"slow"``: its quantiles unscaled, no
     measurement) or a preset name (``"fast-50"``: the preset is measured and the target is its measured fraction, so
     the calibrated codebook and the preset are compared at equal compute; the preset is a candidate too).

@@ -55,7 +55,7 @@ _RECORD_CODEBOOK = ((1e12, 1),)
 _OPEN_END = 1e6  # the last pair's threshold: "anything larger"
 
 
-def recorder_config(config: AdaCacheConfig | None = None) -> AdaCacheConfig:
+def recorder_config(config: AdaCacheConfig | None = None, *, record_motion: bool = True) -> AdaCacheConfig:
     """The rate-1 config that records the metric ``config`` acts on.
 
     Everything that changes the metric stays as in ``config`` (tap, region, ``norm_ord``, ``forecast_order``,
@@ -63,8 +63,12 @@ def recorder_config(config: AdaCacheConfig | None = None) -> AdaCacheConfig:
     output is the uncached one) and each step's metric is recorded, and MoReg covers every step so the motion is
     recorded too (it cannot change a rate-1 schedule). With ``decision_metric="forecast"`` the recorded value at step
     i is the forecast error of the tap from steps i-1, i-2, ... (spacing 1), which is what the codebook is placed on.
+    ``record_motion=False`` leaves MoReg as ``config`` has it (a model whose tap has no known frame layout cannot
+    measure motion).
     """
     base = config if config is not None else AdaCacheConfig(codebook=((1.0, 1),))
+    if not record_motion:
+        return base.replace(codebook=_RECORD_CODEBOOK, enabled=True)
     strides = base.moreg.strides if base.moreg is not None else MoRegConfig().strides
     return base.replace(codebook=_RECORD_CODEBOOK, moreg=MoRegConfig(strides=strides, window=(1, 1.0)), enabled=True)
 
