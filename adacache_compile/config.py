@@ -30,6 +30,9 @@ __all__ = [
     "MOREG_WINDOW_30",
     "MAX_FORECAST_ORDER",
     "DECISION_METRICS",
+    "CODEBOOK_FAST_50_F2",
+    "CODEBOOK_SLOW_50_F2",
+    "STRIDE_PRESETS",
 ]
 
 Codebook = tuple[tuple[float, int], ...]
@@ -47,7 +50,7 @@ CODEBOOK_SLOW_30: Codebook = ((0.08, 3), (0.16, 2), (0.24, 1), (0.32, 1), (0.40,
 # Reference MoReg windows (inclusive, 1-based steps) for the step counts the reference calibrated.
 # 50 steps (no published codebook): calibrated on the bundled testbed with `adacache-compile calibrate --steps 50`
 # (12 uncached generations, 3 shapes x 4 motion buckets, seeds 1000-1023; thresholds at quantiles of the recorded
-# per-step metric; see adacache_compile/calibrate.py TEMPLATES and benchmarks/results/calibration_testbed_50.json).
+# per-step metric; see adacache_compile/calibration.py TEMPLATES and benchmarks/results/calibration_testbed_50.json).
 # fast-50: the fast template (rates 6..1) scaled to compute 28 % of the steps on the calibration videos
 # (`adacache-compile calibrate --target 0.28 --template fast`); the plain fast template computed 34 %.
 CODEBOOK_FAST_50: Codebook = ((0.0647, 6), (0.0704, 5), (0.0780, 4), (0.0891, 3), (0.1393, 2), (1e6, 1))
@@ -56,7 +59,7 @@ CODEBOOK_FAST_50: Codebook = ((0.0647, 6), (0.0704, 5), (0.0780, 4), (0.0891, 3)
 CODEBOOK_SLOW_50: Codebook = ((0.0671, 3), (0.0810, 2), (1e6, 1))
 # Forecasting presets (50 steps; forecast order 2, decision metric "change": the combination with the best mean PSNR
 # over both targets among orders 1, 2 x metrics change, forecast). Made by the measured selection
-# (adacache_compile.calibrate.select_config) with `adacache-compile calibrate --steps 50 --target fast-50 slow-50 0.28
+# (adacache_compile.calibration.select_config) with `adacache-compile calibrate --steps 50 --target fast-50 slow-50 0.28
 # 0.45 --forecast-order 0 1 2 --decision-metric change forecast --eval-videos 8 --max-candidates 6
 # --max-evaluations 12`: per-step metrics recorded at rate 1 with the target's forecast order and metric on the 12
 # calibration videos, the candidate codebook with the highest mean PSNR (against the uncached videos, on 8 of them)
@@ -68,6 +71,10 @@ CODEBOOK_FAST_50_F2: Codebook = ((0.0518, 5), (0.1116, 4), (1e6, 1))
 CODEBOOK_SLOW_50_F2: Codebook = ((0.0569, 3), (0.1226, 2), (1e6, 1))
 FORECAST_ORDER_50 = 2
 DECISION_METRIC_50 = "change"
+# Static strides with the second-order forecast (any N): compute steps 1, 2, then every k-th, plus the forced last
+# steps. On the testbed's quality-latency benchmark (2026-12-01, benchmarks/README.md) they were the best quality per
+# compute of every method measured, adaptive or not (k=3: 2.45x at 51.09 dB, k=4: 2.98x at 41.59 dB).
+STRIDE_PRESETS = (3, 4)
 MOREG_WINDOW_50 = (5, 45)
 # MoReg's 0.385 is the motion level of the reference model's residual features at which MoReg is neutral; the
 # testbed's median motion inside the window (same calibration run) plays that role for the 50-step presets.
@@ -382,6 +389,8 @@ def _reference_presets() -> dict[str, AdaCacheConfig]:
         presets[f"{name}+moreg"] = AdaCacheConfig(
             codebook=codebook, moreg=MoRegConfig(window=MOREG_WINDOW_50, threshold=MOREG_THRESHOLD_50)
         )
+    for stride in STRIDE_PRESETS:
+        presets[f"stride-{stride}+f2"] = AdaCacheConfig(codebook=((1e9, stride),), forecast_order=2)
     for name, codebook in (("fast-50", CODEBOOK_FAST_50_F2), ("slow-50", CODEBOOK_SLOW_50_F2)):
         presets[f"{name}+f{FORECAST_ORDER_50}"] = AdaCacheConfig(
             codebook=codebook, forecast_order=FORECAST_ORDER_50, decision_metric=DECISION_METRIC_50

@@ -48,6 +48,8 @@ def test_preset_registry_lists_all_names_and_unknown_names_are_refused():
         "slow-50+moreg",
         "fast-50+f2",
         "slow-50+f2",
+        "stride-3+f2",
+        "stride-4+f2",
     }
     with pytest.raises(ValueError, match=r"unknown AdaCache preset 'fast-40'.*fast-30\+moreg.*slow-30"):
         AdaCacheConfig.preset("fast-40")
@@ -211,3 +213,17 @@ def test_configs_written_before_forecasting_load_as_the_reference():
     old = {"codebook": [[0.1, 2], [1.0, 1]], "forced_steps": [1, -2, -1], "tap": None, "region": None, "moreg": None}
     config = AdaCacheConfig.from_dict({**old, "norm_ord": 1, "enabled": True})
     assert (config.forecast_order, config.decision_metric) == (0, "change")
+
+
+def test_stride_presets_compute_every_kth_step_with_the_second_order_forecast():
+    from adacache_compile.schedule import Schedule, StepMetrics
+
+    config = AdaCacheConfig.preset("stride-3+f2")
+    assert config.forecast_order == 2 and config.decision_metric == "change"
+    schedule = Schedule(config, 12)
+    for step in range(1, 13):
+        if schedule.is_computed(step):
+            schedule.observe(step, StepMetrics(1.0, 2.0))
+        else:
+            schedule.mark_skipped(step)
+    assert schedule.computed_steps == [1, 2, 5, 8, 11, 12]
