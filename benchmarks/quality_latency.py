@@ -518,42 +518,23 @@ def hook_methods() -> list[BenchMethod]:
                 f"FasterCache s{skip}", None, family="hook", hook=make_faster, uncond_first=True, group="FasterCache"
             )
         )
-    for interval in TAYLORSEER_INTERVALS:
+    for unit, identifiers in (("blocks", TAYLORSEER_LATTE_BLOCKS), ("attn+ff", TAYLORSEER_LATTE_MODULES)):
+        for interval in TAYLORSEER_INTERVALS:
 
-        def make_taylor(denoiser, interval=interval):
-            return TaylorSeerCacheConfig(
-                cache_interval=interval,
-                taylor_factors_dtype=torch.float32,
-                cache_identifiers=TAYLORSEER_LATTE_BLOCKS,
-            )
+            def make_taylor(denoiser, interval=interval, identifiers=identifiers):
+                return TaylorSeerCacheConfig(
+                    cache_interval=interval, taylor_factors_dtype=torch.float32, cache_identifiers=identifiers
+                )
 
-        methods.append(
-            BenchMethod(
-                f"TaylorSeer blocks interval={interval}",
-                None,
-                family="hook",
-                hook=make_taylor,
-                group="TaylorSeer (blocks)",
+            methods.append(
+                BenchMethod(
+                    f"TaylorSeer {unit} interval={interval}",
+                    None,
+                    family="hook",
+                    hook=make_taylor,
+                    group=f"TaylorSeer ({unit})",
+                )
             )
-        )
-    for interval in TAYLORSEER_INTERVALS:
-
-        def make_taylor_modules(denoiser, interval=interval):
-            return TaylorSeerCacheConfig(
-                cache_interval=interval,
-                taylor_factors_dtype=torch.float32,
-                cache_identifiers=TAYLORSEER_LATTE_MODULES,
-            )
-
-        methods.append(
-            BenchMethod(
-                f"TaylorSeer attn+ff interval={interval}",
-                None,
-                family="hook",
-                hook=make_taylor_modules,
-                group="TaylorSeer (attn+ff)",
-            )
-        )
     return methods
 
 

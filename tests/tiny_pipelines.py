@@ -13,6 +13,31 @@ from adacache_compile.testbed.tiny_models import tiny_model
 WORDS = ["a", "cat", "runs", "on", "the", "beach", "blurry", "low", "quality", "dog"]
 
 
+# UMT5 (Wan) and T5 (CogVideoX) share these sizes: one layer, 16 wide, the word-level vocabulary below.
+TEXT_ENCODER = dict(
+    vocab_size=len(WORDS) + 3,
+    d_model=16,
+    d_kv=8,
+    d_ff=32,
+    num_layers=1,
+    num_heads=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+)
+
+
+def _assemble(pipeline_class, text_encoder, vae, transformer, scheduler):
+    pipe = pipeline_class(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=text_encoder.eval(),
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -32,27 +57,7 @@ def tiny_wan_pipeline(scheduler) -> WanPipeline:
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     )
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(WORDS) + 3,
-            d_model=16,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-        )
-    )
-    pipe = WanPipeline(
-        tokenizer=tiny_tokenizer(),
-        text_encoder=text_encoder.eval(),
-        vae=vae.eval(),
-        transformer=transformer.eval(),
-        scheduler=scheduler,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(WanPipeline, UMT5EncoderModel(UMT5Config(**TEXT_ENCODER)), vae, transformer, scheduler)
 
 
 def tiny_cogvideox_pipeline() -> CogVideoXPipeline:
@@ -78,24 +83,5 @@ def tiny_cogvideox_pipeline() -> CogVideoXPipeline:
         norm_num_groups=2,
         temporal_compression_ratio=4,
     )
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(WORDS) + 3,
-            d_model=16,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-        )
-    )
-    pipe = CogVideoXPipeline(
-        tokenizer=tiny_tokenizer(),
-        text_encoder=text_encoder.eval(),
-        vae=vae.eval(),
-        transformer=transformer.eval(),
-        scheduler=CogVideoXDDIMScheduler(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    text_encoder = T5EncoderModel(T5Config(**TEXT_ENCODER))
+    return _assemble(CogVideoXPipeline, text_encoder, vae, transformer, CogVideoXDDIMScheduler())
