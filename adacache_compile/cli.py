@@ -101,15 +101,13 @@ def _model_and_inputs(args) -> tuple[object, dict, dict]:
         )
     elif args.prompt is not None:
         pipe = source.pipeline
-        if args.pipeline is not None:
-            pipe = model_spec.load_model_spec(
-                args.pipeline, transformer=args.transformer, device=args.device, dtype=dtype
+        if args.pipeline is not None:  # another pipeline directory, around the MODEL_SPEC's model
+            pipe = model_spec.load_pipeline(
+                args.pipeline, device=args.device, dtype=dtype, **{args.transformer: source.model}
             )
-            pipe = pipe.pipeline
         if pipe is None:
             raise SystemExit("error: --prompt records the pipeline's first transformer call: give a pipeline directory")
         print("running the pipeline up to its first transformer call ...", file=sys.stderr)
-        setattr(pipe, args.transformer, source.model)
         call = {"prompt": args.prompt, "num_inference_steps": args.steps, "output_type": "latent"}
         call.update(_pipeline_args(args.pipeline_arg))
         call.update(
@@ -291,9 +289,7 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_calibrate_pipeline(args) -> int:
     import json
 
-    import diffusers
-
-    from .model_spec import parse_dtype
+    from .model_spec import load_pipeline, parse_dtype
     from .pipeline_calibration import calibrate
 
     prompts = list(args.prompt)
@@ -307,9 +303,7 @@ def _run_calibrate_pipeline(args) -> int:
         return 2
     target = args.target[0]
     target = target if target in ("fast", "slow") else float(target)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=parse_dtype(args.dtype))
-    pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype=parse_dtype(args.dtype))
     optional = {
         "height": args.height,
         "width": args.width,

@@ -16,7 +16,7 @@ import importlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "inputs_from_shapes",
     "record_first_call",
     "parse_dtype",
+    "load_pipeline",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ class ModelSource:
     description: dict[str, Any]
     pipeline: Any = None
     example_inputs: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -95,10 +95,19 @@ def _from_model_dir(path: Path, dtype) -> ModelSource:
     return ModelSource(model, {"kind": "model_dir", "path": str(path), "class": class_name})
 
 
-def _from_pipeline_dir(path: Path, transformer: str, dtype) -> ModelSource:
+def load_pipeline(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, **components):
+    """A pipeline directory written by ``save_pretrained``, on ``device`` in ``dtype``, its progress bar off;
+    ``components`` (e.g. ``transformer=model``) are used instead of loading those."""
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **components)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_pipeline_dir(path: Path, transformer: str, dtype) -> ModelSource:
+    pipe = load_pipeline(path, dtype=dtype)
     model = getattr(pipe, transformer, None)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{path}: the {type(pipe).__name__} has no {transformer!r} module (--transformer)")

@@ -125,7 +125,7 @@ def calibrate(
     calls = [(prompt, seed) for prompt in prompts for seed in seeds]
     kwargs = {"output_type": "latent", **pipeline_kwargs}
     base = AdaCacheConfig(codebook=((1e6, 1),), forecast_order=forecast_order, decision_metric=decision_metric)
-    apply(pipe, recorder_config(base, record_motion=False))
+    apply(pipe, base)  # calibrate_runs switches every module to the recorder, then to each candidate
     try:
         modules = list(vars(pipe)["_adacache_applied"].cached.values())
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .forecast import weights_dtype
+
 __all__ = [
     "Block",
     "Stream",
@@ -178,8 +180,6 @@ class Programs:
             raise ValueError(f"skip program of forecast order {self.forecast_order}: expected {slots} weights")
         rows = [history[j] if j < len(history) else history[0] for j in range(slots)]
         cached = [rows[j][s] for s in range(len(self.delta_names)) for j in range(slots)]
-        from .forecast import weights_dtype
-
         newest = history[0][0]
         return [*cached, torch.tensor(list(weights), dtype=weights_dtype(newest.dtype), device=newest.device)]
 
