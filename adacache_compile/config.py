@@ -33,6 +33,8 @@ __all__ = [
     "CODEBOOK_FAST_50_F2",
     "CODEBOOK_SLOW_50_F2",
     "STRIDE_PRESETS",
+    "FORECAST_FORCED_STEPS",
+    "forecast_config",
 ]
 
 Codebook = tuple[tuple[float, int], ...]
@@ -71,10 +73,17 @@ CODEBOOK_FAST_50_F2: Codebook = ((0.0518, 5), (0.1116, 4), (1e6, 1))
 CODEBOOK_SLOW_50_F2: Codebook = ((0.0569, 3), (0.1226, 2), (1e6, 1))
 FORECAST_ORDER_50 = 2
 DECISION_METRIC_50 = "change"
-# Static strides with the second-order forecast (any N): compute steps 1, 2, then every k-th, plus the forced last
-# steps. On the testbed's quality-latency benchmark (2026-12-01, benchmarks/README.md) they were the best quality per
-# compute of every method measured, adaptive or not (k=3: 2.45x at 51.09 dB, k=4: 2.98x at 41.59 dB).
-STRIDE_PRESETS = (3, 4)
+# How a forecasting schedule starts and ends (ours): the first computed step takes the ladder's top rate
+# (first_rate) instead of the reference's 1, and only steps 1 and N are forced (the reference also forces N-1). The
+# reference's step 2 and N-1 add computed steps just before/after one another; a forecast extrapolates best from
+# regularly spaced ones. Chosen on the 12 calibration videos (50 steps, the codebooks above, forecast order 2):
+# fast 12.17 computed steps at 38.71 dB vs 14.08 at 37.56 dB with the reference's start and end; slow 20.50 at
+# 49.70 dB vs 22.08 at 47.99 dB; static k=4 14 steps at 39.71 dB vs 15 at 39.20 dB (docs/algorithm.md, "Presets").
+# The codebooks were calibrated with the reference's start and end, so these presets compute less than the targets
+# 0.28 / 0.45 they were calibrated for (0.24 / 0.41 of the steps on the calibration videos).
+FORECAST_FORCED_STEPS = (1, -1)
+# Static strides with the second-order forecast (any N): compute steps 1, 1 + k, 1 + 2k, ... and N.
+STRIDE_PRESETS = (3, 4, 5)
 MOREG_WINDOW_50 = (5, 45)
 # MoReg's 0.385 is the motion level of the reference model's residual features at which MoReg is neutral; the
 # testbed's median motion inside the window (same calibration run) plays that role for the 50-step presets.
@@ -220,6 +229,9 @@ class AdaCacheConfig:
         decision_metric: what the codebook acts on: "change" (the reference: rel-L1 change of the tap since the last
             computed step) or "forecast" (rel-L1 error of the tap forecast, at forecast_order, from the previous
             computed taps: the error a forecasting skip would have made). Both are divided by the rate in force.
+        first_rate: the rate decided on the first computed step, which has no metric yet (ours; the reference: 1,
+            so step 2 is always computed). A static stride k with ``first_rate=k`` computes the regular grid 1,
+            1 + k, 1 + 2k, ... (plus the forced steps), the spacing a forecast extrapolates best from.
     """
 
     codebook: Codebook
@@ -231,6 +243,7 @@ class AdaCacheConfig:
     enabled: bool = True
     forecast_order: int = 0
     decision_metric: str = "change"
+    first_rate: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codebook", _validated_codebook(self.codebook))
@@ -280,6 +293,12 @@ class AdaCacheConfig:
             raise _fail(
                 "AdaCacheConfig.decision_metric", f"expected one of {DECISION_METRICS}, got {self.decision_metric!r}"
             )
+        if not _is_int(self.first_rate) or self.first_rate < 1:
+            raise _fail(
+                "AdaCacheConfig.first_rate",
+                f"expected an int >= 1 (the rate after the first computed step; 1 is the reference), got "
+                f"{self.first_rate!r}",
+            )
 
     @classmethod
     def preset(cls, name: str) -> AdaCacheConfig:
@@ -311,6 +330,7 @@ class AdaCacheConfig:
             "enabled": self.enabled,
             "forecast_order": self.forecast_order,
             "decision_metric": self.decision_metric,
+            "first_rate": self.first_rate,
         }
 
     @classmethod
@@ -390,12 +410,23 @@ def _reference_presets() -> dict[str, AdaCacheConfig]:
             codebook=codebook, moreg=MoRegConfig(window=MOREG_WINDOW_50, threshold=MOREG_THRESHOLD_50)
         )
     for stride in STRIDE_PRESETS:
-        presets[f"stride-{stride}+f2"] = AdaCacheConfig(codebook=((1e9, stride),), forecast_order=2)
+        presets[f"stride-{stride}+f2"] = forecast_config(((1e9, stride),), 2)
     for name, codebook in (("fast-50", CODEBOOK_FAST_50_F2), ("slow-50", CODEBOOK_SLOW_50_F2)):
-        presets[f"{name}+f{FORECAST_ORDER_50}"] = AdaCacheConfig(
-            codebook=codebook, forecast_order=FORECAST_ORDER_50, decision_metric=DECISION_METRIC_50
-        )
+        presets[f"{name}+f{FORECAST_ORDER_50}"] = forecast_config(codebook, FORECAST_ORDER_50, DECISION_METRIC_50)
     return presets
+
+
+def forecast_config(codebook: Codebook, forecast_order: int, decision_metric: str = "change") -> AdaCacheConfig:
+    """A forecasting config as the forecast presets are built: ``codebook`` (a one-entry codebook is a static
+    stride), the first computed step at the codebook's top rate and only steps 1 and N forced
+    (:data:`FORECAST_FORCED_STEPS`)."""
+    return AdaCacheConfig(
+        codebook=codebook,
+        forecast_order=forecast_order,
+        decision_metric=decision_metric,
+        first_rate=max(rate for _, rate in codebook),
+        forced_steps=FORECAST_FORCED_STEPS,
+    )
 
 
 # Named presets. Add a step count by adding its "<name>" and "<name>+moreg" entries here.

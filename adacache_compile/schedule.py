@@ -65,7 +65,8 @@ class Schedule:
 
     Interpretation of the reference rule:
     - On the first computed step there is no r_prev: no metric, no MoReg evaluation, m_prev stays 1 and the rate
-      stays 1, exactly as the reference, which evaluates MoReg only inside the branch that has a previous residual.
+      stays 1, exactly as the reference, which evaluates MoReg only inside the branch that has a previous residual
+      (``config.first_rate``, ours, sets another rate there).
     - "rate" in `c / rate` and in the motion gradient is the rate in force (decided on the previous computed step),
       also on forced steps (N-1, N) reached before that rate elapsed, as the reference divides by its stored rate.
     - The MoReg window is checked on the current step i with inclusive ends.
@@ -122,7 +123,9 @@ class Schedule:
                 "per CFG branch when the pipeline calls the model once per branch)"
             )
         if self.last_computed == 0 or metrics is None:
-            record = StepRecord(step, 1, None, None, None, None)
+            # Nothing measured: the first computed step sets first_rate (1 in the reference), a step after a dropped
+            # cache goes back to 1.
+            record = StepRecord(step, self.config.first_rate if self.last_computed == 0 else 1, None, None, None, None)
         else:
             record = self._decide(step, metrics)
         self.rate = record.rate

@@ -72,7 +72,7 @@ BENCH_VIDEOS = [
     for shape_index, shape in enumerate(BENCH_SHAPES)
     for motion in MOTION_BUCKET_INDICES
 ]
-STATIC_STRIDES = (2, 3, 4)
+STATIC_STRIDES = (2, 3, 4, 5)
 # Main knob of each applicable hook, swept from mild to aggressive.
 PAB_SKIP_RANGES = ((2, 3, 4), (3, 4, 6), (4, 6, 8))  # (spatial, temporal, cross) attention block skip ranges
 FASTER_CACHE_SKIP_RANGES = (2, 3, 4)  # spatial (and temporal) attention block skip range
@@ -473,14 +473,15 @@ def forecast_methods(num_steps: int, repeats: int = DEFAULT_REPEATS) -> list[Ben
 def static_methods(strides=STATIC_STRIDES, forecast_orders=(0,)) -> list[BenchMethod]:
     """Compute every k-th step (plus the forced steps) through our own programs: a one-entry codebook; with a
     forecast order > 0 the skip steps forecast the cached delta at that order (labelled ``static k=2 +f1``)."""
-    from adacache_compile.config import AdaCacheConfig
+    from adacache_compile.config import AdaCacheConfig, forecast_config
 
     methods = []
     for order in forecast_orders:
-        extra = {"forecast_order": order} if order else {}
         suffix, group = (f" +f{order}", f"static +f{order}") if order else ("", "static")
         for k in strides:
-            config = AdaCacheConfig(codebook=((1e9, k),), **extra)
+            # Each order with the start and forced steps of its presets: the reference's at order 0, the forecast
+            # presets' regular grid (1, 1 + k, ..., N) otherwise, so that "adaptivity pays" compares like with like.
+            config = forecast_config(((1e9, k),), order) if order else AdaCacheConfig(codebook=((1e9, k),))
             methods.append(BenchMethod(f"static k={k}{suffix}", config, family="static", group=group))
     return methods
 

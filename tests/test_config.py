@@ -50,6 +50,7 @@ def test_preset_registry_lists_all_names_and_unknown_names_are_refused():
         "slow-50+f2",
         "stride-3+f2",
         "stride-4+f2",
+        "stride-5+f2",
     }
     with pytest.raises(ValueError, match=r"unknown AdaCache preset 'fast-40'.*fast-30\+moreg.*slow-30"):
         AdaCacheConfig.preset("fast-40")
@@ -76,9 +77,10 @@ def test_json_round_trip_is_exact_for_every_field():
         enabled=False,
         forecast_order=2,
         decision_metric="forecast",
+        first_rate=3,
     )
     data = json.loads(config.to_json())
-    assert data["forecast_order"] == 2 and data["decision_metric"] == "forecast"
+    assert data["forecast_order"] == 2 and data["decision_metric"] == "forecast" and data["first_rate"] == 3
     assert data["codebook"] == [[0.1, 4], [0.25, 2], [3.0, 1]]
     assert data["moreg"]["window"] == [3, 0.75]
     restored = AdaCacheConfig.from_json(config.to_json())
@@ -212,18 +214,47 @@ def test_from_json_reports_bad_text():
 def test_configs_written_before_forecasting_load_as_the_reference():
     old = {"codebook": [[0.1, 2], [1.0, 1]], "forced_steps": [1, -2, -1], "tap": None, "region": None, "moreg": None}
     config = AdaCacheConfig.from_dict({**old, "norm_ord": 1, "enabled": True})
-    assert (config.forecast_order, config.decision_metric) == (0, "change")
+    assert (config.forecast_order, config.decision_metric, config.first_rate) == (0, "change", 1)
 
 
-def test_stride_presets_compute_every_kth_step_with_the_second_order_forecast():
+def _computed_steps(config, num_steps, metrics=(1.0, 2.0)):
     from adacache_compile.schedule import Schedule, StepMetrics
 
-    config = AdaCacheConfig.preset("stride-3+f2")
-    assert config.forecast_order == 2 and config.decision_metric == "change"
-    schedule = Schedule(config, 12)
-    for step in range(1, 13):
+    schedule = Schedule(config, num_steps)
+    for step in range(1, num_steps + 1):
         if schedule.is_computed(step):
-            schedule.observe(step, StepMetrics(1.0, 2.0))
+            schedule.observe(step, StepMetrics(*metrics))
         else:
             schedule.mark_skipped(step)
-    assert schedule.computed_steps == [1, 2, 5, 8, 11, 12]
+    return schedule.computed_steps
+
+
+def test_stride_presets_compute_the_regular_grid_with_the_second_order_forecast():
+    config = AdaCacheConfig.preset("stride-3+f2")
+    assert config.forecast_order == 2 and config.decision_metric == "change"
+    assert _computed_steps(config, 12) == [1, 4, 7, 10, 12]
+    assert _computed_steps(AdaCacheConfig.preset("stride-4+f2"), 50) == [*range(1, 50, 4), 50]
+    # The same one-entry codebook with the reference's start (rate 1 after step 1) and forced steps.
+    assert _computed_steps(AdaCacheConfig(codebook=((1e9, 3),), forecast_order=2), 12) == [1, 2, 5, 8, 11, 12]
+
+
+def test_first_rate_sets_the_rate_of_the_first_computed_step_only():
+    codebook = ((0.1, 4), (1e6, 1))
+    # metric 0.5 / rate: >= 0.1 -> rate 1 after the second computed step.
+    assert _computed_steps(AdaCacheConfig(codebook=codebook, first_rate=3, forced_steps=(1,)), 8, (0.5, 1.0)) == [
+        1,
+        4,
+        5,
+        6,
+        7,
+        8,
+    ]
+    assert _computed_steps(AdaCacheConfig(codebook=codebook, forced_steps=(1,)), 6, (0.5, 1.0)) == [1, 2, 3, 4, 5, 6]
+    config = AdaCacheConfig.preset("fast-50+f2")
+    assert config.first_rate == max(rate for _, rate in config.codebook) and config.forced_steps == (1, -1)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_invalid_first_rate_names_the_field(value):
+    with pytest.raises(ValueError, match=r"AdaCacheConfig\.first_rate: expected an int >= 1"):
+        AdaCacheConfig(codebook=((1.0, 1),), first_rate=value)
