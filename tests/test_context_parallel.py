@@ -150,6 +150,11 @@ def _scenarios(rank: int, out_dir: str) -> None:
         spy = entry.run_full = _MetricSpy(entry.run_full)
         outputs, _ = _generate(cached, family, uneven=True)
         result[f"{family}/uneven"] = dict(outputs=outputs, local_metrics=spy.vectors, **_history(cached))
+        if rank == 0 and family == "wan":  # MoReg cannot be measured on sequence shards: refused at capture
+            try:
+                optimize(model, "fast-30+moreg", example_inputs=dict(_inputs(family), timestep=torch.tensor([999.0])))
+            except AdaCacheError as e:
+                result["moreg"] = str(e)
         if rank == 0:
             try:
                 to_onnx(cached, os.path.join(out_dir, f"{family}-onnx"), verify=False)
@@ -259,3 +264,24 @@ def test_to_onnx_refuses_a_context_parallel_model(ranks, family):
     message = ranks[0].get(f"{family}/to_onnx")
     assert message is not None, "to_onnx exported a context-parallel model"
     assert "context parallel" in message and "enable_parallelism" in message
+
+
+def test_moreg_is_refused_on_a_context_parallel_model(ranks):
+    message = ranks[0].get("moreg")
+    assert message is not None, "MoReg was accepted on a context-parallel model"
+    assert "context parallelism" in message and "AdaCacheConfig.moreg=None" in message
+
+
+def test_benchmark_script_explains_its_launch_and_shape_requirements(monkeypatch):
+    from benchmarks import context_parallel as bench
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match="torchrun --nproc-per-node N"):
+        bench.setup_distributed(cpu=True)
+    args = bench.parse_args([])
+    bench.check_shapes(args, 2)  # the defaults (12 heads, 13 x 30 x 52 tokens) split over 2 ranks
+    with pytest.raises(SystemExit, match="--heads 12 must be divisible by the world size 5"):
+        bench.check_shapes(args, 5)
+    with pytest.raises(SystemExit, match="20280 tokens .* divisible by the world size 16"):
+        bench.check_shapes(bench.parse_args(["--heads", "16"]), 16)
