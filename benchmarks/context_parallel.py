@@ -31,21 +31,16 @@ import time
 
 import torch
 
-WAN_TEXT_DIM = 4096
+try:
+    from benchmarks.gpu_check import WAN_TEXT_DIM, add_wan_arguments, generate, wan_model
+except ImportError:  # run as a script (torchrun benchmarks/context_parallel.py): benchmarks/ is sys.path[0]
+    from gpu_check import WAN_TEXT_DIM, add_wan_arguments, generate, wan_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--ffn", type=int, default=8960)
-    parser.add_argument("--frames", type=int, default=13)
-    parser.add_argument("--height", type=int, default=60)
-    parser.add_argument("--width", type=int, default=104)
+    add_wan_arguments(parser)
     parser.add_argument("--batch", type=int, default=2, help="2: batched CFG")
-    parser.add_argument("--text-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--calibrate", default="fast", help="codebook target from a rate-1 recording: fast|slow")
     parser.add_argument("--ring", action="store_true", help="ring attention instead of Ulysses (GPU, LSE backend)")
     parser.add_argument("--backend", default=None, help="diffusers attention backend (model.set_attention_backend)")
@@ -96,45 +91,6 @@ def setup_distributed(cpu: bool) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cuda", local)
 
 
-def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """A random-init ``WanTransformer3DModel`` (same seed on every rank), mixed precision as from_pretrained does."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=args.heads,
-        attention_head_dim=args.head_dim,
-        in_channels=16,
-        out_channels=16,
-        text_dim=WAN_TEXT_DIM,
-        freq_dim=256 if not args.cpu_dry_run else 16,
-        ffn_dim=args.ffn,
-        num_layers=args.layers,
-    ).eval()
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    model.to(device, dtype)
-    for name, module in model.named_modules():
-        if any(part in keep for part in name.split(".")):
-            module.to(torch.float32)
-    return model
-
-
-def generate(module, latents, timesteps, text, after_step=None) -> torch.Tensor:
-    """A flow-matching Euler loop (batched CFG already in the batch); ``after_step(i)`` runs after step ``i``."""
-    x = latents.clone()
-    with torch.no_grad():
-        for i, t in enumerate(timesteps):
-            velocity = module(
-                hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=text, return_dict=False
-            )[0]
-            dt = (timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)) - t
-            x = x + dt / 1000.0 * velocity
-            if after_step is not None:
-                after_step(i)
-    return x
-
-
 def timed(fn, device: torch.device) -> tuple[object, float, int | None]:
     """``fn()``'s result, the slowest rank's wall seconds and this rank's peak allocated CUDA bytes during it (None
     on CPU)."""
@@ -174,7 +130,7 @@ def main(argv=None) -> dict | None:
     from adacache_compile.calibration import RECORD_CONFIG, calibrate_config, metrics_from_stats
 
     dtype = torch.float32 if args.cpu_dry_run else torch.bfloat16
-    model = build_model(args, device, dtype)
+    model = wan_model(args, device, dtype, freq_dim=16 if args.cpu_dry_run else 256)
     if args.backend:
         model.set_attention_backend(args.backend)
     degrees = dict(ring_degree=world) if args.ring else dict(ulysses_degree=world)
@@ -183,6 +139,7 @@ def main(argv=None) -> dict | None:
     shape = (args.batch, 16, args.frames, args.height, args.width)
     latents = torch.randn(shape, generator=gen).to(device, dtype)
     text = torch.randn(args.batch, args.text_len, WAN_TEXT_DIM, generator=gen).to(device, dtype)
+    kwargs = dict(encoder_hidden_states=text)
     timesteps = torch.linspace(1000, 1000 / args.steps, args.steps, device=device)
     tokens = args.frames * (args.height // 2) * (args.width // 2)
     report: dict = {
@@ -199,30 +156,26 @@ def main(argv=None) -> dict | None:
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{world} x {report['device']}: Wan-like DiT {report['params'] / 1e9:.2f} B params, {tokens} tokens")
 
-    generate(model, latents, timesteps[:2], text)  # warm-up (NCCL communicators, kernels)
-    reference, uncached_s, uncached_peak = timed(lambda: generate(model, latents, timesteps, text), device)
+    generate(model, latents, timesteps[:2], kwargs)  # warm-up (NCCL communicators, kernels)
+    reference, uncached_s, uncached_peak = timed(lambda: generate(model, latents, timesteps, kwargs)[0], device)
     say(f"uncached CP, {args.steps} steps: {uncached_s:.2f} s")
 
     cached = ac.optimize(model, RECORD_CONFIG.replace(moreg=None), num_steps=args.steps)
-    call = dict(hidden_states=latents, timestep=timesteps[:1].expand(args.batch), encoder_hidden_states=text)
+    call = dict(hidden_states=latents, timestep=timesteps[:1].expand(args.batch), return_dict=False, **kwargs)
     t0 = time.perf_counter()
-    cached.capture((), dict(call, return_dict=False))
+    cached.capture((), call)
     report["capture_s"] = time.perf_counter() - t0
-    with cached.generation(args.steps):  # rate 1: the recording
-        generate(cached, latents, timesteps, text)
+    generate(cached, latents, timesteps, kwargs, lambda: cached.generation(args.steps))  # rate 1: the recording
     recorded = metrics_from_stats(cached.stats["history"][-1])
     config = calibrate_config([recorded], args.steps, args.calibrate)
     cached.use_config(config)
     report["calibrated_codebook"] = [list(p) for p in config.codebook]
 
-    cache_bytes = []
-
-    def cached_run():
-        with cached.generation(args.steps) as session:
-            # After step 1 the session holds one computed step's deltas and tap (a host-side read of sizes only).
-            return generate(cached, latents, timesteps, text, lambda i: i or cache_bytes.append(session.cache_bytes()))
-
-    out, cached_s, cached_peak = timed(cached_run, device)
+    with cached.generation(args.steps) as session:  # one computed step, then the cache holds its deltas and tap
+        cached(**call)
+        cache_bytes = session.cache_bytes()
+    session_factory = lambda: cached.generation(args.steps)  # noqa: E731
+    out, cached_s, cached_peak = timed(lambda: generate(cached, latents, timesteps, kwargs, session_factory)[0], device)
     stats = cached.stats["history"][-1]
     computed = stats["computed_steps"]
     decisions = gathered(computed)
@@ -237,7 +190,7 @@ def main(argv=None) -> dict | None:
         bound=args.steps / len(computed),
         rel_l2_vs_uncached=rel,
         peak_bytes_per_rank={"uncached": gathered(uncached_peak), "cached": gathered(cached_peak)},
-        cache_bytes_per_rank=gathered(cache_bytes[0]),
+        cache_bytes_per_rank=gathered(cache_bytes),
     )
     say(
         f"AdaCache CP: {cached_s:.2f} s, computed {len(computed)}/{args.steps} steps {computed} (same on every rank), "
