@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from adacache_compile import AdaCacheConfig, AdaCacheError, optimize  # noqa: E402
+from adacache_compile.parallel import context_parallel_of, reduce_metrics  # noqa: E402
 from adacache_compile.schedule import Schedule, StepMetrics  # noqa: E402
 from adacache_compile.testbed.tiny_models import tiny_model  # noqa: E402
 
@@ -129,14 +130,15 @@ def _scenarios(rank: int, out_dir: str) -> None:
     from adacache_compile.export import to_onnx
 
     result: dict = {}
-    for family in FAMILIES:
-        model = tiny_model(family)
-        if rank == 0:  # the single-process reference: the same weights (same seed), no parallelism
+    for index, family in enumerate(FAMILIES):
+        if index % WORLD == rank:  # the single-process reference (same seed, no parallelism), one family per rank
             reference = optimize(tiny_model(family), SKIPPING)
             outputs, cache_bytes = _generate(reference, family)
             result[f"{family}/single"] = dict(outputs=outputs, cache_bytes=cache_bytes, **_history(reference))
             reference.use_config(GRADED)
             result[f"{family}/single_uneven"] = dict(outputs=_generate(reference, family, uneven=True)[0])
+    for family in FAMILIES:
+        model = tiny_model(family)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
         cached = optimize(model, SKIPPING)
         outputs, cache_bytes = _generate(cached, family)
@@ -160,6 +162,9 @@ def _scenarios(rank: int, out_dir: str) -> None:
                 to_onnx(cached, os.path.join(out_dir, f"{family}-onnx"), verify=False)
             except AdaCacheError as e:
                 result[f"{family}/to_onnx"] = str(e)
+        if family == "wan":  # the reduce on its own: rank 1 saw a NaN, L2 norms, shares 1x and 2x
+            share = torch.tensor([1.0 - rank, 3.0, 4.0, 1.0]) * torch.tensor([1.0, rank + 1, rank + 1, 1.0])
+            result["reduced_l2"] = reduce_metrics(share, context_parallel_of(model), norm_ord=2).tolist()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -188,6 +193,11 @@ def ranks(tmp_path_factory):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
+def _single(ranks: list[dict], family: str, run: str = "single") -> dict:
+    """The single-process reference run of ``family`` (made by rank ``FAMILIES.index(family) % WORLD``)."""
+    return ranks[FAMILIES.index(family) % WORLD][f"{family}/{run}"]
+
+
 def _assert_video_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     assert len(got) == len(want) == NUM_STEPS
     for step, (g, w) in enumerate(zip(got, want), start=1):
@@ -197,7 +207,7 @@ def _assert_video_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> No
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_cp_generation_matches_single_process(ranks, family):
-    single = ranks[0][f"{family}/single"]
+    single = _single(ranks, family)
     assert single["computed_steps"] == [1, 2, 5, 7, 8] and single["skipped_steps"] == [3, 4, 6]
     for rank in ranks:
         cp = rank[f"{family}/cp"]
@@ -232,7 +242,7 @@ def test_uneven_shards_give_every_rank_the_same_decisions(ranks, family):
     assert runs[0]["computed_steps"] == runs[1]["computed_steps"]
     assert runs[0]["records"] == runs[1]["records"]
     assert runs[0]["skipped_steps"], "the schedule never skipped: the test would not exercise the skip program"
-    _assert_video_close(runs[0]["outputs"], ranks[0][f"{family}/single_uneven"]["outputs"])
+    _assert_video_close(runs[0]["outputs"], _single(ranks, family, "single_uneven")["outputs"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -253,7 +263,7 @@ def test_skip_program_holds_no_collective_of_the_region(ranks, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_rank_cache_bytes_are_one_world_th(ranks, family):
-    single = ranks[0][f"{family}/single"]["cache_bytes"]
+    single = _single(ranks, family)["cache_bytes"]
     assert single > 0
     for rank in ranks:
         assert rank[f"{family}/cp"]["cache_bytes"] * WORLD == single
@@ -264,6 +274,13 @@ def test_to_onnx_refuses_a_context_parallel_model(ranks, family):
     message = ranks[0].get(f"{family}/to_onnx")
     assert message is not None, "to_onnx exported a context-parallel model"
     assert "context parallel" in message and "enable_parallelism" in message
+
+
+def test_metric_reduce_sums_p_th_powers_and_flags_any_non_finite_rank(ranks):
+    # ||.||_2 over both shards: sqrt(3^2 + 6^2), sqrt(4^2 + 8^2), sqrt(1 + 1); finite 0: rank 1 reported non-finite.
+    want = [0.0, 45**0.5, 80**0.5, 2**0.5]
+    for rank in ranks:
+        assert rank["reduced_l2"] == pytest.approx(want, rel=1e-12)
 
 
 def test_moreg_is_refused_on_a_context_parallel_model(ranks):
