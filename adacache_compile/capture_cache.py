@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from .capture import Captured, capture, normalize_call
 from .config import AdaCacheConfig
 from .errors import AdaCacheError, InputMismatchError
+from .parallel import context_parallel_of
 from .passes import run_passes
 from .plan import CachePlan, Programs
 
@@ -82,6 +83,7 @@ class CaptureCache:
                 input_names=captured.input_names,
                 example_inputs=captured.flatten(args, kwargs),
                 call_constants=_call_constants(captured, args, kwargs),
+                context_parallel=context_parallel_of(self.model),
             )
             run_passes(captured.graph_module, plan)
             entry = CompiledEntry(captured, plan, *self.runners(plan.programs))

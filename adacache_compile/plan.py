@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from .forecast import weights_dtype
+from .parallel import reduce_metrics
 
 __all__ = [
     "Block",
@@ -125,9 +126,13 @@ class FullResult:
     deltas: tuple[torch.Tensor, ...]
     tap: torch.Tensor
     metrics: torch.Tensor
+    context_parallel: Any = None  # a ContextParallel: the metrics are this rank's and are summed over its group
+    norm_ord: int = 1
 
     def metric_values(self) -> MetricValues:
-        return MetricValues.from_vector(self.metrics)
+        """The host's reading; on a context-parallel model the global values, summed over the CP group first (one
+        all-reduce, :func:`~adacache_compile.parallel.reduce_metrics`), so every rank reads the same."""
+        return MetricValues.from_vector(reduce_metrics(self.metrics, self.context_parallel, self.norm_ord))
 
 
 @dataclass
@@ -145,6 +150,8 @@ class Programs:
     num_outputs: int
     delta_names: list[str]
     forecast_order: int = 0
+    context_parallel: Any = None  # the model's ContextParallel (adacache_compile.parallel), or None
+    norm_ord: int = 1
 
     def decode_full(self, results) -> FullResult:
         """Split the full program's flat output tuple into outputs, deltas, tap and metrics."""
@@ -155,7 +162,14 @@ class Programs:
                 f"full program returned {len(results)} values; expected {n_out} outputs + {n_deltas} deltas + tap + "
                 "metrics"
             )
-        return FullResult(results[:n_out], results[n_out : n_out + n_deltas], results[-2], results[-1])
+        return FullResult(
+            results[:n_out],
+            results[n_out : n_out + n_deltas],
+            results[-2],
+            results[-1],
+            self.context_parallel,
+            self.norm_ord,
+        )
 
     def zero_tap(self, inputs) -> torch.Tensor:
         """A zero ``tap_prev`` of the tap's shape for this call (the first computed step has no previous tap)."""
@@ -199,6 +213,7 @@ class CachePlan:
     region_blocks: list[Block] = field(default_factory=list)
     region_nodes: set[fx.Node] = field(default_factory=set, repr=False)
     call_constants: dict[str, Any] = field(default_factory=dict)
+    context_parallel: Any = None  # the model's ContextParallel (adacache_compile.parallel), or None
     leaks: list[fx.Node] = field(default_factory=list, repr=False)
     hoisted: list[str] = field(default_factory=list)
     streams: list[Stream] = field(default_factory=list)
@@ -230,6 +245,8 @@ class CachePlan:
         for b in self.all_blocks:
             stacks.setdefault(b.stack, []).append(b)
         lines = [f"blocks: {len(self.all_blocks)} in {len(stacks)} stack(s)"]
+        if self.context_parallel is not None:
+            lines.append(f"{self.context_parallel.describe()}: metrics summed over the group on computed steps")
         for stack, blocks in stacks.items():
             lines.append(f"  {stack}: {len(blocks)} x {blocks[0].module_type}")
         lines.append(f"cached region: {self.region[0]} .. {self.region[-1]} ({len(self.region)} blocks)")

@@ -44,8 +44,11 @@ def generate(module, latents, timesteps, kwargs, session_factory=None):
     return runs.results[0], runs.seconds[0]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+WAN_TEXT_DIM = 4096
+
+
+def add_wan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Wan-shaped model's and latent's sizes (defaults: the Wan 2.1 1.3B shape, a 480p-like latent)."""
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -54,9 +57,39 @@ def main(argv=None):
     parser.add_argument("--height", type=int, default=60)
     parser.add_argument("--width", type=int, default=104)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--text-len", type=int, default=512)
+
+
+def wan_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, freq_dim: int = 256):
+    """A random-init ``WanTransformer3DModel`` of ``args``' sizes (seed 0), cast as ``from_pretrained(torch_dtype)``
+    does: the modules the model asks for stay float32 (mixed precision)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=args.heads,
+        attention_head_dim=args.head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=WAN_TEXT_DIM,
+        freq_dim=freq_dim,
+        ffn_dim=args.ffn,
+        num_layers=args.layers,
+    ).eval()
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    model.to(device, dtype)
+    for name, module in model.named_modules():
+        if any(part in keep for part in name.split(".")):
+            module.to(torch.float32)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_wan_arguments(parser)
     parser.add_argument("--preset", default="fast-30")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument(
         "--calibrate", default="fast", help="codebook from a rate-1 recording: fast|slow|'' (use --preset as is)"
     )
@@ -65,34 +98,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         raise SystemExit("gpu_check needs a CUDA GPU (or --cpu-dry-run)")
-    from diffusers import WanTransformer3DModel
-
     if args.cpu_dry_run:
         device, dtype = torch.device("cpu"), torch.float32
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=args.heads,
-        attention_head_dim=args.head_dim,
-        in_channels=16,
-        out_channels=16,
-        text_dim=4096,
-        freq_dim=256,
-        ffn_dim=args.ffn,
-        num_layers=args.layers,
-    ).eval()
-    # As from_pretrained(torch_dtype=bf16) does: the modules the model asks for stay float32 (mixed precision).
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    model.to(device, dtype)
-    for name, module in model.named_modules():
-        if any(part in keep for part in name.split(".")):
-            module.to(torch.float32)
+    model = wan_model(args, device, dtype)
     params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator(device).manual_seed(0)
     latents = torch.randn(2, 16, args.frames, args.height, args.width, generator=gen, device=device, dtype=dtype)
-    text = torch.randn(2, args.text_len, 4096, generator=gen, device=device, dtype=dtype)
+    text = torch.randn(2, args.text_len, WAN_TEXT_DIM, generator=gen, device=device, dtype=dtype)
     kwargs = dict(encoder_hidden_states=text)
     timesteps = torch.linspace(1000, 1000 / args.steps, args.steps, device=device)
     tokens = args.frames * (args.height // 2) * (args.width // 2)

@@ -234,7 +234,9 @@ def test_quality_latency_script_parses_its_options():
     assert exit_info.value.code == 0
 
 
-@pytest.mark.parametrize("name", ["export_findings", "gpu_check", "ort_speed", "skip_cost", "testbed_label_use"])
+@pytest.mark.parametrize(
+    "name", ["context_parallel", "export_findings", "gpu_check", "ort_speed", "skip_cost", "testbed_label_use"]
+)
 def test_benchmark_scripts_import(name):
     assert callable(importlib.import_module(f"benchmarks.{name}").main)
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, UnsupportedModelError
 from ..forecast import extrapolation_weights
+from ..parallel import context_parallel_of
 from ..plan import FORECAST_WEIGHTS, FullResult
 from . import onnx_export, ort_backend
 from .axes import Axes, safe_name
@@ -84,6 +85,7 @@ def to_onnx(
     dynamic, with a warning. ``example_source`` describes where the example inputs came from (the CLI's MODEL_SPEC
     and input source); the manifest records it under ``runtime.example_inputs``. Returns ``out_dir``.
     """
+    _refuse_context_parallel(cached)
     if verify:
         try:
             ort_backend._onnxruntime()
@@ -133,6 +135,24 @@ def _check_replaceable(out_dir: Path) -> None:
             f"{out_dir}: exists, is not empty and holds no {MANIFEST_NAME}; refusing to replace a directory that is "
             "not an adacache-compile export"
         )
+
+
+def _refuse_context_parallel(cached) -> None:
+    """A context-parallel model's programs hold torch.distributed collectives (Ulysses all-to-all, the output
+    all-gather) that ONNX has no ops for, and a rank's programs compute only its sequence shard: refused, with the
+    way out named."""
+    model = getattr(cached, "_orig_mod", None)
+    cp = context_parallel_of(model)
+    if cp is None:
+        return
+    raise UnsupportedModelError(
+        f"to_onnx: {type(model).__name__} runs with context parallelism ({cp.describe()}; enabled by diffusers' "
+        "enable_parallelism): its full and skip programs hold torch.distributed collectives (all_to_all_single in "
+        "the blocks' attention, all_gather_into_tensor at the output) that ONNX cannot express, and each rank's "
+        "programs compute only its shard of the sequence. Export a model without context parallelism (load or build "
+        "it again and do not call enable_parallelism); run the context-parallel model with adacache_compile."
+        "optimize / apply (backend 'eager' or 'inductor')."
+    )
 
 
 def _latest_entry(cached, example_inputs):

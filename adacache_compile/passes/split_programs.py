@@ -77,6 +77,8 @@ def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
         num_outputs=num_outputs,
         delta_names=[f"delta_{s.name}" for s in plan.streams],
         forecast_order=_forecast_order(plan),
+        context_parallel=plan.context_parallel,
+        norm_ord=int(getattr(plan.config, "norm_ord", 1)),
     )
     _check_skip_is_free_of_region(skip, plan)
     logger.info(

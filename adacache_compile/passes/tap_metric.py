@@ -7,6 +7,7 @@ import logging
 import torch.fx as fx
 
 from ..errors import PassError
+from ..parallel import MOREG_UNDER_CP
 from ..plan import CachePlan, MoRegLayout, PassResult
 from ._utils import concrete_shape
 
@@ -34,12 +35,19 @@ def tap_metric(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
     residual = next(a for a in add.args[:2] if a is not stream_operand)
     plan.tap_node = residual
     plan.tap_block = block.name
+    if plan.context_parallel is not None:
+        plan.moreg_layout, plan.moreg_layout_error = None, MOREG_UNDER_CP
+    else:
+        _read_moreg_layout(plan, residual)
+    logger.info("metric tap: %s (%s), MoReg layout %s", plan.tap, tuple(residual.meta["val"].shape), plan.moreg_layout)
+    return PassResult(gm, False)
+
+
+def _read_moreg_layout(plan: CachePlan, residual: fx.Node) -> None:
     try:
         plan.moreg_layout = infer_moreg_layout(plan, residual)
     except PassError as e:
         plan.moreg_layout, plan.moreg_layout_error = None, str(e)
-    logger.info("metric tap: %s (%s), MoReg layout %s", plan.tap, tuple(residual.meta["val"].shape), plan.moreg_layout)
-    return PassResult(gm, False)
 
 
 def _tap_block(plan: CachePlan):
