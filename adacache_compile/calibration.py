@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import AdaCacheConfig, MoRegConfig
+from .config import AdaCacheConfig, MoRegConfig, forecast_config
 from .schedule import Schedule, StepMetrics
 
 __all__ = [
@@ -75,6 +75,17 @@ def recorder_config(config: AdaCacheConfig | None = None, *, record_motion: bool
 
 # Rate 1 at every step with the default (reference) metric.
 RECORD_CONFIG = recorder_config()
+
+
+def base_config(forecast_order: int = 0, decision_metric: str = "change") -> AdaCacheConfig:
+    """The config a calibration places its codebooks into: at order 0 the reference's start and forced steps, with
+    forecasting those of the forecast presets (:func:`~adacache_compile.config.forecast_config`: the first computed
+    step at the codebook's top rate, steps 1 and N forced), so that a calibrated forecasting codebook is selected with
+    the start and end it will run with."""
+    if forecast_order == 0:
+        return AdaCacheConfig(codebook=((_OPEN_END, 1),), decision_metric=decision_metric)
+    return forecast_config(((_OPEN_END, 1),), forecast_order, decision_metric)
+
 
 # (quantile, rate) pairs shaped like the reference codebooks: fast steps down from rate 6, slow from rate 3.
 TEMPLATES: dict[str, tuple[tuple[float, int], ...]] = {

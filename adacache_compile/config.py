@@ -34,6 +34,7 @@ __all__ = [
     "CODEBOOK_SLOW_50_F2",
     "STRIDE_PRESETS",
     "FORECAST_FORCED_STEPS",
+    "FIRST_RATE_TOP",
     "forecast_config",
 ]
 
@@ -43,6 +44,8 @@ Codebook = tuple[tuple[float, int], ...]
 MAX_FORECAST_ORDER = 2
 # What the codebook acts on: the reference's change of the tap, or the error of its forecast.
 DECISION_METRICS = ("change", "forecast")
+# AdaCacheConfig.first_rate meaning "the codebook's largest rate".
+FIRST_RATE_TOP = "top"
 
 # Reference codebooks (Open-Sora v1.2), ascending (threshold, rate) pairs.
 CODEBOOK_REFERENCE_100: Codebook = ((0.03, 12), (0.05, 10), (0.07, 8), (0.09, 6), (0.11, 4), (1.00, 3))
@@ -230,8 +233,9 @@ class AdaCacheConfig:
             computed step) or "forecast" (rel-L1 error of the tap forecast, at forecast_order, from the previous
             computed taps: the error a forecasting skip would have made). Both are divided by the rate in force.
         first_rate: the rate decided on the first computed step, which has no metric yet (ours; the reference: 1,
-            so step 2 is always computed). A static stride k with ``first_rate=k`` computes the regular grid 1,
-            1 + k, 1 + 2k, ... (plus the forced steps), the spacing a forecast extrapolates best from.
+            so step 2 is always computed): an int >= 1, or "top" for the codebook's largest rate. A static stride k
+            with ``first_rate="top"`` computes the regular grid 1, 1 + k, 1 + 2k, ... (plus the forced steps), the
+            spacing a forecast extrapolates best from.
     """
 
     codebook: Codebook
@@ -243,7 +247,7 @@ class AdaCacheConfig:
     enabled: bool = True
     forecast_order: int = 0
     decision_metric: str = "change"
-    first_rate: int = 1
+    first_rate: int | str = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codebook", _validated_codebook(self.codebook))
@@ -293,11 +297,11 @@ class AdaCacheConfig:
             raise _fail(
                 "AdaCacheConfig.decision_metric", f"expected one of {DECISION_METRICS}, got {self.decision_metric!r}"
             )
-        if not _is_int(self.first_rate) or self.first_rate < 1:
+        if self.first_rate != FIRST_RATE_TOP and not (_is_int(self.first_rate) and self.first_rate >= 1):
             raise _fail(
                 "AdaCacheConfig.first_rate",
-                f"expected an int >= 1 (the rate after the first computed step; 1 is the reference), got "
-                f"{self.first_rate!r}",
+                f"expected an int >= 1 (the rate after the first computed step; 1 is the reference) or "
+                f"{FIRST_RATE_TOP!r} (the codebook's largest rate), got {self.first_rate!r}",
             )
 
     @classmethod
@@ -307,6 +311,10 @@ class AdaCacheConfig:
             return PRESETS[name]
         except KeyError:
             raise ValueError(f"unknown AdaCache preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+    def resolved_first_rate(self) -> int:
+        """:attr:`first_rate` as a rate: ``"top"`` is the codebook's largest rate."""
+        return max(rate for _, rate in self.codebook) if self.first_rate == FIRST_RATE_TOP else self.first_rate
 
     def forced_for(self, num_steps: int) -> frozenset[int]:
         """The forced steps resolved to 1-based steps of a `num_steps`-step generation; those outside 1..N dropped."""
@@ -418,13 +426,13 @@ def _reference_presets() -> dict[str, AdaCacheConfig]:
 
 def forecast_config(codebook: Codebook, forecast_order: int, decision_metric: str = "change") -> AdaCacheConfig:
     """A forecasting config as the forecast presets are built: ``codebook`` (a one-entry codebook is a static
-    stride), the first computed step at the codebook's top rate and only steps 1 and N forced
-    (:data:`FORECAST_FORCED_STEPS`)."""
+    stride), ``first_rate="top"`` (the first computed step takes the codebook's largest rate, also after
+    ``replace(codebook=...)``) and only steps 1 and N forced (:data:`FORECAST_FORCED_STEPS`)."""
     return AdaCacheConfig(
         codebook=codebook,
         forecast_order=forecast_order,
         decision_metric=decision_metric,
-        first_rate=max(rate for _, rate in codebook),
+        first_rate=FIRST_RATE_TOP,
         forced_steps=FORECAST_FORCED_STEPS,
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .calibration import Calibration, metrics_from_stats, recorder_config, select_config
+from .calibration import Calibration, base_config, metrics_from_stats, recorder_config, select_config
 from .config import AdaCacheConfig
 
 __all__ = ["calibrate", "calibrate_loop", "calibrate_runs", "TARGETS", "target_fraction"]
@@ -124,7 +124,7 @@ def calibrate(
         raise ValueError("calibrate: needs at least one prompt and one seed")
     calls = [(prompt, seed) for prompt in prompts for seed in seeds]
     kwargs = {"output_type": "latent", **pipeline_kwargs}
-    base = AdaCacheConfig(codebook=((1e6, 1),), forecast_order=forecast_order, decision_metric=decision_metric)
+    base = base_config(forecast_order, decision_metric)
     apply(pipe, base)  # calibrate_runs switches every module to the recorder, then to each candidate
     try:
         modules = list(vars(pipe)["_adacache_applied"].cached.values())

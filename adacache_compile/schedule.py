@@ -86,6 +86,7 @@ class Schedule:
         self.moreg_window = None if config.moreg is None else config.moreg.window_for(num_steps)
         self._thresholds = [threshold for threshold, _ in config.codebook]
         self._rates = [rate for _, rate in config.codebook]
+        self._first_rate = config.resolved_first_rate()
         self._warned_nonfinite = False
         self.reset()
 
@@ -125,7 +126,7 @@ class Schedule:
         if self.last_computed == 0 or metrics is None:
             # Nothing measured: the first computed step sets first_rate (1 in the reference), a step after a dropped
             # cache goes back to 1.
-            record = StepRecord(step, self.config.first_rate if self.last_computed == 0 else 1, None, None, None, None)
+            record = StepRecord(step, self._first_rate if self.last_computed == 0 else 1, None, None, None, None)
         else:
             record = self._decide(step, metrics)
         self.rate = record.rate

@@ -251,10 +251,13 @@ def test_first_rate_sets_the_rate_of_the_first_computed_step_only():
     ]
     assert _computed_steps(AdaCacheConfig(codebook=codebook, forced_steps=(1,)), 6, (0.5, 1.0)) == [1, 2, 3, 4, 5, 6]
     config = AdaCacheConfig.preset("fast-50+f2")
-    assert config.first_rate == max(rate for _, rate in config.codebook) and config.forced_steps == (1, -1)
+    assert config.first_rate == "top" and config.forced_steps == (1, -1)
+    assert config.resolved_first_rate() == max(rate for _, rate in config.codebook)
+    # "top" follows the codebook through replace (what the calibration does to its base config).
+    assert config.replace(codebook=((0.1, 7), (1e6, 1))).resolved_first_rate() == 7
 
 
-@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2", "max"])
 def test_invalid_first_rate_names_the_field(value):
     with pytest.raises(ValueError, match=r"AdaCacheConfig\.first_rate: expected an int >= 1"):
         AdaCacheConfig(codebook=((1.0, 1),), first_rate=value)

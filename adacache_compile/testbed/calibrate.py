@@ -23,6 +23,7 @@ import torch
 
 from ..calibration import (
     CalibrationError,
+    base_config,
     calibrate_config,
     default_tolerance,
     metrics_from_stats,
@@ -226,7 +227,7 @@ def calibrate_testbed(
     cached = None
     for index, (order, metric) in enumerate(combos):
         key = _combination_key(order, metric)
-        base = AdaCacheConfig(codebook=((1.0, 1),), forecast_order=order, decision_metric=metric)
+        base = base_config(order, metric)
         say(f"[{key}] recording {len(videos)} videos at rate 1 ({num_steps} steps)")
         recording = record_testbed(testbed, videos, num_steps, base, progress=progress, cached=cached)
         cached = recording.cached  # one cached transformer for every recording and evaluation (one capture per order)
