@@ -62,28 +62,28 @@ CODEBOOK_FAST_50: Codebook = ((0.0647, 6), (0.0704, 5), (0.0780, 4), (0.0891, 3)
 # slow-50: the slow template (rates 3, 2, 1) scaled to compute 45 % of the steps on the calibration videos
 # (`adacache-compile calibrate --target 0.45 --template slow`); the plain slow template computed 61 %.
 CODEBOOK_SLOW_50: Codebook = ((0.0671, 3), (0.0810, 2), (1e6, 1))
-# Forecasting presets (50 steps; forecast order 2, decision metric "change": the combination with the best mean PSNR
-# over both targets among orders 1, 2 x metrics change, forecast). Made by the measured selection
-# (adacache_compile.calibration.select_config) with `adacache-compile calibrate --steps 50 --target fast-50 slow-50 0.28
-# 0.45 --forecast-order 0 1 2 --decision-metric change forecast --eval-videos 8 --max-candidates 6
-# --max-evaluations 12`: per-step metrics recorded at rate 1 with the target's forecast order and metric on the 12
-# calibration videos, the candidate codebook with the highest mean PSNR (against the uncached videos, on 8 of them)
-# whose measured compute fraction is within 0.01 of the target wins. Record: benchmarks/results/
-# calibration_testbed_50.json, combinations["f2-change"].
-# fast-50+f2: target 0.28, measured 0.282, 37.46 dB (order 0 at 0.28: 30.20 dB; shipped fast-50: 27.84 dB at 0.245).
-CODEBOOK_FAST_50_F2: Codebook = ((0.0518, 5), (0.1116, 4), (1e6, 1))
-# slow-50+f2: target 0.45, measured 0.450, 46.97 dB (order 0 at 0.45: 37.09 dB; shipped slow-50: 34.97 dB at 0.420).
-CODEBOOK_SLOW_50_F2: Codebook = ((0.0569, 3), (0.1226, 2), (1e6, 1))
+# Forecasting presets (50 steps; forecast order 2, decision metric "change"). How a forecasting schedule starts and
+# ends (ours, config.forecast_config): the first computed step takes the codebook's top rate (first_rate="top")
+# instead of the reference's 1, and only steps 1 and N are forced (the reference also forces N-1). The reference's
+# steps 2 and N-1 are computed right next to another computed step; a forecast extrapolates best from regularly
+# spaced ones (docs/algorithm.md, "Start and end of a forecasting schedule").
+# The codebooks come from the measured selection (adacache_compile.calibration.select_config) with that start and
+# end, at the compute of the order-0 presets: `adacache-compile calibrate --steps 50 --target fast-50 slow-50
+# --forecast-order 2 --decision-metric change --eval-videos 8 --max-candidates 6 --max-evaluations 12`: per-step
+# metrics recorded at rate 1 on the 12 calibration videos, the candidate with the highest mean PSNR (against the
+# uncached videos, on 8 of them) whose measured compute fraction is within 0.01 of the target wins. Record:
+# benchmarks/results/calibration_testbed_50_f2.json. Order 2 beat order 1 and "change" matched "forecast" (mean over
+# the targets 0.22, 0.28, 0.40, 0.45: 42.40 vs 42.33 dB) in the sweep benchmarks/results/
+# calibration_testbed_50_forecast.json (`--target 0.18 0.22 0.28 0.40 0.45 --forecast-order 1 2 --decision-metric
+# change forecast`, same settings otherwise).
+# A preset-name target is the measured compute fraction of that preset's codebook run with order 2 and the reference's
+# start and end (fast-50: 0.250 at 25.44 dB; slow-50: 0.425 at 45.55 dB), which is a candidate too.
+# fast-50+f2: target 0.250, measured 0.260, 39.52 dB.
+CODEBOOK_FAST_50_F2: Codebook = ((0.0446, 5), (0.0962, 4), (1e6, 1))
+# slow-50+f2: target 0.425, measured 0.425, 50.19 dB.
+CODEBOOK_SLOW_50_F2: Codebook = ((0.0533, 3), (0.1198, 2), (1e6, 1))
 FORECAST_ORDER_50 = 2
 DECISION_METRIC_50 = "change"
-# How a forecasting schedule starts and ends (ours): the first computed step takes the ladder's top rate
-# (first_rate) instead of the reference's 1, and only steps 1 and N are forced (the reference also forces N-1). The
-# reference's step 2 and N-1 add computed steps just before/after one another; a forecast extrapolates best from
-# regularly spaced ones. Chosen on the 12 calibration videos (50 steps, the codebooks above, forecast order 2):
-# fast 12.17 computed steps at 38.71 dB vs 14.08 at 37.56 dB with the reference's start and end; slow 20.50 at
-# 49.70 dB vs 22.08 at 47.99 dB; static k=4 14 steps at 39.71 dB vs 15 at 39.20 dB (docs/algorithm.md, "Presets").
-# The codebooks were calibrated with the reference's start and end, so these presets compute less than the targets
-# 0.28 / 0.45 they were calibrated for (0.24 / 0.41 of the steps on the calibration videos).
 FORECAST_FORCED_STEPS = (1, -1)
 # Static strides with the second-order forecast (any N): compute steps 1, 1 + k, 1 + 2k, ... and N.
 STRIDE_PRESETS = (3, 4, 5)
