@@ -157,6 +157,29 @@ def test_onnxruntime_single_file_equals_two_programs_over_a_testbed_generation(t
     _assert_same_generation(one, two)
 
 
+def test_single_file_serves_another_batch_size_on_both_branches(testbed, testbed_exports):
+    from adacache_compile.export import load
+    from adacache_compile.testbed import make_condition
+
+    # Steps 1, 2 computed, 3 skipped, 4 (the last) forced: both branches of the If run at batch 1.
+    config = AdaCacheConfig(codebook=((1e9, 3),))
+    call = dict(
+        hidden_states=torch.randn(1, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0)),
+        encoder_hidden_states=make_condition(testbed.cond, [(0, 1)]),
+        return_dict=False,
+    )
+    outputs, stats = {}, {}
+    for name in ("one", "two"):
+        runtime = load(testbed_exports[name], "onnxruntime", providers=["CPUExecutionProvider"])
+        runtime.use_config(config)
+        with runtime.generation(4):
+            outputs[name] = [runtime(**call, timestep=torch.tensor([900 - 200 * i]))[0] for i in range(4)]
+        stats[name] = runtime.stats["history"][-1]
+    assert stats["one"]["skipped_steps"] == stats["two"]["skipped_steps"] == [3]
+    for one, two in zip(outputs["one"], outputs["two"]):
+        assert one.shape[0] == 1 and float((one - two).abs().max()) <= VIDEO_TOL
+
+
 def test_single_file_directory_holds_one_if_and_its_layout(testbed_exports):
     import onnx
 

@@ -243,7 +243,7 @@ def _program_jobs(programs, examples, single_file: bool) -> list[tuple[str, fx.G
         name: onnx_export.prepared_program(getattr(programs, name), examples[name], f"the {name} branch")
         for name in ("full", "skip")
     }
-    cond = build_cond_program(dataclasses.replace(programs, **branches))
+    cond = build_cond_program(programs, branches)
     return [("cached", cond, cond_examples(examples), False)]
 
 

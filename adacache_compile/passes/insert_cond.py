@@ -26,6 +26,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..errors import PassError
 from ..plan import COMPUTE, CachePlan, PassResult, Programs, metrics_length
 from ._utils import SymbolTable, clean_up_graph
 
@@ -52,16 +53,19 @@ def _tensor_val(node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def _output_vals(program: fx.GraphModule) -> list[torch.Tensor]:
-    """The fake values of ``program``'s outputs; nodes a pass added without one get theirs from a fake run."""
-    outputs = list(program.graph.output_node().args[0])
-    if any(_tensor_val(o) is None for o in outputs):
-        from torch._guards import detect_fake_mode
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-        inputs = [n.meta["val"] for n in _placeholders(program)]
-        FakeTensorProp(program, mode=detect_fake_mode(inputs)).propagate_dont_convert_inputs(*inputs)
-    return [o.meta["val"] for o in outputs]
+def _output_vals(program: fx.GraphModule, count: int) -> list[torch.Tensor]:
+    """The fake values of ``program``'s first ``count`` outputs (the model outputs), whose shapes the conditional
+    program restores."""
+    vals = []
+    for index, node in enumerate(list(program.graph.output_node().args[0])[:count]):
+        val = _tensor_val(node)
+        if val is None:
+            raise PassError(
+                f"insert_cond: model output {index} ({getattr(node, 'name', node)!r}) of the full program carries no "
+                "fake value to take its shape from; build the programs with split_programs from a torch.export capture"
+            )
+        vals.append(val)
+    return vals
 
 
 def _flat(graph: fx.Graph, values: list[fx.Node]) -> None:
@@ -86,9 +90,12 @@ def _branch(program: fx.GraphModule, attribute: str, num_operands: int, body) ->
     return branch
 
 
-def build_cond_program(programs: Programs) -> fx.GraphModule:
+def build_cond_program(programs: Programs, branches: dict[str, fx.GraphModule] | None = None) -> fx.GraphModule:
     """``cond(*inputs, compute, *cached, tap_prev)`` from ``programs.full`` and ``programs.skip`` (see the module
-    docstring)."""
+    docstring). ``branches`` (``{"full": ..., "skip": ...}``) replaces the programs the branches call with rewritten
+    copies of the same signature (``to_onnx``'s pre-export rewrites); names, shapes and size symbols still come from
+    ``programs``, whose fake values carry the capture's symbolic sizes."""
+    branches = {"full": programs.full, "skip": programs.skip, **(branches or {})}
     full_inputs, skip_inputs = _placeholders(programs.full), _placeholders(programs.skip)
     n = len(full_inputs) - 1
     cached_names = [p.name for p in skip_inputs[n:]]
@@ -120,13 +127,13 @@ def build_cond_program(programs: Programs) -> fx.GraphModule:
     env[full_inputs[-1]] = tap_prev = _placeholder(graph, full_inputs[-1].name, full_inputs[-1].meta.get("val"))
 
     root = torch.nn.Module()
-    root.true_graph_0 = _branch(programs.full, "full", num_operands, full_body)
-    root.false_graph_0 = _branch(programs.skip, "skip", num_operands, skip_body)
+    root.true_graph_0 = _branch(branches["full"], "full", num_operands, full_body)
+    root.false_graph_0 = _branch(branches["skip"], "skip", num_operands, skip_body)
     operands = (*(env[p] for p in full_inputs[:n]), *cached, tap_prev)
     result = graph.call_function(
         torch.cond, (compute, graph.get_attr("true_graph_0"), graph.get_attr("false_graph_0"), operands)
     )
-    shapes = [v.shape for v in _output_vals(programs.full)[: programs.num_outputs]]
+    shapes = [v.shape for v in _output_vals(programs.full, programs.num_outputs)]
     shapes += [skip_inputs[n + s * slots].meta["val"].shape for s in range(len(programs.delta_names))]
     shapes.append(full_inputs[-1].meta["val"].shape)
     symbols = SymbolTable(programs.full.graph)
