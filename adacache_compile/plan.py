@@ -323,6 +323,8 @@ class CachePlan:
                 )
             else:
                 lines.append(f"cached tensors per generation: {deltas} deltas + 1 tap")
+            if self.programs.cond is not None:
+                lines.append("single program: torch.cond(compute, full, skip) runs every step (insert_cond)")
         return "\n".join(lines)
 
 

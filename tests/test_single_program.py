@@ -161,7 +161,7 @@ def test_single_file_serves_another_batch_size_on_both_branches(testbed, testbed
     from adacache_compile.export import load
     from adacache_compile.testbed import make_condition
 
-    # Steps 1, 2 computed, 3 skipped, 4 (the last) forced: both branches of the If run at batch 1.
+    # Steps 1, 2 computed, 3 and 4 skipped, 5 and 6 (the last two) forced: both branches of the If run at batch 1.
     config = AdaCacheConfig(codebook=((1e9, 3),))
     call = dict(
         hidden_states=torch.randn(1, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0)),
@@ -172,10 +172,10 @@ def test_single_file_serves_another_batch_size_on_both_branches(testbed, testbed
     for name in ("one", "two"):
         runtime = load(testbed_exports[name], "onnxruntime", providers=["CPUExecutionProvider"])
         runtime.use_config(config)
-        with runtime.generation(4):
-            outputs[name] = [runtime(**call, timestep=torch.tensor([900 - 200 * i]))[0] for i in range(4)]
+        with runtime.generation(6):
+            outputs[name] = [runtime(**call, timestep=torch.tensor([900 - 150 * i]))[0] for i in range(6)]
         stats[name] = runtime.stats["history"][-1]
-    assert stats["one"]["skipped_steps"] == stats["two"]["skipped_steps"] == [3]
+    assert stats["one"]["skipped_steps"] == stats["two"]["skipped_steps"] == [3, 4]
     for one, two in zip(outputs["one"], outputs["two"]):
         assert one.shape[0] == 1 and float((one - two).abs().max()) <= VIDEO_TOL
 
