@@ -23,7 +23,7 @@ from .config import AdaCacheConfig
 from .errors import AdaCacheError, InputMismatchError
 from .parallel import context_parallel_of
 from .passes import run_passes
-from .plan import CachePlan, Programs
+from .plan import CachePlan, Programs, SingleProgram
 
 __all__ = ["CompiledEntry", "CaptureCache", "model_state", "programs_serve", "MAX_CAPTURES", "BACKENDS"]
 
@@ -48,12 +48,22 @@ class CompiledEntry:
 
 
 class CaptureCache:
-    """Captures of ``model`` for the call signatures it has seen, with programs built for ``backend``."""
+    """Captures of ``model`` for the call signatures it has seen, with programs built for ``backend``; with
+    ``single_program`` every step runs the one conditional program (``Programs.cond``) instead of the two."""
 
-    def __init__(self, model: torch.nn.Module, *, backend: str, cuda_graphs: bool, dynamic: bool):
+    def __init__(
+        self, model: torch.nn.Module, *, backend: str, cuda_graphs: bool, dynamic: bool, single_program: bool = False
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        if single_program and cuda_graphs:
+            raise ValueError(
+                "single_program=True with cuda_graphs=True: the conditional program reads `compute` on the host "
+                "inside the program, which a CUDA graph cannot capture; use the two programs for CUDA graphs "
+                "(single_program=False)"
+            )
         self.model = model
+        self.single_program = single_program
         self.backend = backend
         self.cuda_graphs = cuda_graphs
         self.dynamic = dynamic
@@ -84,6 +94,7 @@ class CaptureCache:
                 example_inputs=captured.flatten(args, kwargs),
                 call_constants=_call_constants(captured, args, kwargs),
                 context_parallel=context_parallel_of(self.model),
+                single_program=self.single_program,
             )
             run_passes(captured.graph_module, plan)
             entry = CompiledEntry(captured, plan, *self.runners(plan.programs))
@@ -96,7 +107,14 @@ class CaptureCache:
             return entry
 
     def runners(self, programs: Programs) -> tuple[Any, Any]:
-        """The callables that run the full and the skip program on this cache's backend."""
+        """The callables that run the full and the skip program on this cache's backend (with ``single_program``,
+        both are calls of the one conditional program)."""
+        if programs.cond is not None:
+            cond = programs.cond
+            if self.backend == "inductor":
+                cond = torch.compile(cond, dynamic=False, fullgraph=True)
+            single = SingleProgram(programs, cond)
+            return single.full, single.skip
         full, skip = programs.full, programs.skip
         if self.backend == "inductor":
             full = torch.compile(full, dynamic=False, fullgraph=True)

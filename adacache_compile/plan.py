@@ -21,7 +21,10 @@ __all__ = [
     "FullResult",
     "MetricValues",
     "pack_metrics",
+    "metrics_length",
     "FORECAST_WEIGHTS",
+    "COMPUTE",
+    "SingleProgram",
 ]
 
 
@@ -118,6 +121,11 @@ def pack_metrics(
     return torch.stack([finite.float(), diff_norm, prev_norm, tap_norm, *(part for pair in motion for part in pair)])
 
 
+def metrics_length(num_moreg_strides: int) -> int:
+    """The length of the ``metrics`` vector :func:`pack_metrics` builds for that many MoReg strides."""
+    return 4 + 2 * num_moreg_strides
+
+
 @dataclass(frozen=True)
 class FullResult:
     """One call of the full program, decoded: ``full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)``."""
@@ -140,7 +148,13 @@ class Programs:
     """The two static programs. ``full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)`` (decode it with
     :meth:`decode_full`); ``skip(*inputs, *cached) -> outputs`` with ``cached`` from :meth:`skip_cached_inputs`: one
     delta per stream (``forecast_order`` 0), or per stream the deltas of the last ``forecast_order + 1`` computed
-    steps followed by one ``forecast_weights`` vector (the skip program adds ``sum_j w_j * D_j``)."""
+    steps followed by one ``forecast_weights`` vector (the skip program adds ``sum_j w_j * D_j``).
+
+    ``cond`` (built by the ``insert_cond`` pass when asked for, else None) is the one conditional program
+    ``cond(*inputs, compute, *cached, tap_prev) -> (*outputs, *deltas, tap, metrics)``: ``torch.cond`` of the two
+    (:class:`SingleProgram` serves the two programs' calls with it). ``delta_shapes[i](*inputs)`` is the shape of
+    delta ``i`` for a call, ``delta_dtypes[i]`` its dtype: what :meth:`zero_cached` needs for a step with nothing
+    cached."""
 
     full: fx.GraphModule
     skip: fx.GraphModule
@@ -152,6 +166,9 @@ class Programs:
     forecast_order: int = 0
     context_parallel: Any = None  # the model's ContextParallel (adacache_compile.parallel), or None
     norm_ord: int = 1
+    delta_shapes: list[Any] = field(default_factory=list)
+    delta_dtypes: list[torch.dtype] = field(default_factory=list)
+    cond: Any = None
 
     def decode_full(self, results) -> FullResult:
         """Split the full program's flat output tuple into outputs, deltas, tap and metrics."""
@@ -197,8 +214,55 @@ class Programs:
         newest = history[0][0]
         return [*cached, torch.tensor(list(weights), dtype=weights_dtype(newest.dtype), device=newest.device)]
 
+    def zero_cached(self, inputs) -> list[torch.Tensor]:
+        """Zero cached inputs of the right shapes for this call: what the conditional program reads (and ignores) on
+        a computed step with nothing cached yet."""
+        device = inputs[0].device
+        zeros = tuple(
+            torch.zeros(shape(*inputs), dtype=dtype, device=device)
+            for shape, dtype in zip(self.delta_shapes, self.delta_dtypes)
+        )
+        weights = [0.0] * (self.forecast_order + 1) if self.forecast_order else None
+        return self.skip_cached_inputs([zeros], weights)
+
 
 FORECAST_WEIGHTS = "forecast_weights"
+COMPUTE = "compute"
+
+
+class SingleProgram:
+    """The full and the skip program's calls, served by the one conditional program ``programs.cond`` (run by
+    ``run_cond``: the fx GraphModule, its inductor compilation or an exported ``cached.onnx``).
+
+    :func:`~adacache_compile.sessions.run_step` calls :meth:`full` and :meth:`skip` as it calls the two programs, so
+    the schedule and sessions are the same; the step's choice goes in as the host-made bool tensor ``compute``. The
+    inputs the chosen branch does not read get stand-ins of the right shapes: zero cached deltas on a computed step,
+    a zero ``tap_prev`` on a skipped one (allocated once per input signature)."""
+
+    def __init__(self, programs: Programs, run_cond):
+        self.programs = programs
+        self.run_cond = run_cond
+        self._stand_ins: tuple[tuple, tuple[list[torch.Tensor], torch.Tensor]] | None = None
+        self._flags = {flag: torch.tensor(flag) for flag in (True, False)}
+
+    def _unused_inputs(self, inputs) -> tuple[list[torch.Tensor], torch.Tensor]:
+        key = tuple((tuple(t.shape), t.device) for t in inputs)
+        if self._stand_ins is None or self._stand_ins[0] != key:
+            self._stand_ins = (key, (self.programs.zero_cached(inputs), self.programs.zero_tap(inputs)))
+        return self._stand_ins[1]
+
+    def full(self, *args: torch.Tensor):
+        """``full(*inputs, tap_prev) -> (*outputs, *deltas, tap, metrics)``."""
+        inputs, tap_prev = args[:-1], args[-1]
+        cached, _ = self._unused_inputs(inputs)
+        return self.run_cond(*inputs, self._flags[True], *cached, tap_prev)
+
+    def skip(self, *args: torch.Tensor):
+        """``skip(*inputs, *cached) -> outputs``."""
+        split = len(args) - len(self.programs.skip_cached_names)
+        inputs, cached = args[:split], args[split:]
+        _, tap_prev = self._unused_inputs(inputs)
+        return tuple(self.run_cond(*inputs, self._flags[False], *cached, tap_prev))[: self.programs.num_outputs]
 
 
 @dataclass
@@ -222,6 +286,7 @@ class CachePlan:
     moreg_layout: MoRegLayout | None = None
     moreg_layout_error: str | None = None
     programs: Programs | None = None
+    single_program: bool = False  # build programs.cond too (the insert_cond pass)
 
     @property
     def blocks(self) -> list[str]:
@@ -275,6 +340,8 @@ class CachePlan:
                 )
             else:
                 lines.append(f"cached tensors per generation: {deltas} deltas + 1 tap")
+            if self.programs.cond is not None:
+                lines.append("single program: torch.cond(compute, full, skip) runs every step (insert_cond)")
         return "\n".join(lines)
 
 

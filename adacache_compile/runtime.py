@@ -151,8 +151,11 @@ class CachedTransformer(ProgramRuntime):
         num_steps: int | None = None,
         cuda_graphs: bool = False,
         dynamic: bool = True,
+        single_program: bool = False,
     ):
-        captures = CaptureCache(model, backend=backend, cuda_graphs=cuda_graphs, dynamic=dynamic)
+        captures = CaptureCache(
+            model, backend=backend, cuda_graphs=cuda_graphs, dynamic=dynamic, single_program=single_program
+        )
         super().__init__(model, captures, config if config is not None else AdaCacheConfig.preset("fast-30"), num_steps)
 
     def __repr__(self) -> str:
@@ -189,17 +192,27 @@ def optimize(
     num_steps: int | None = None,
     cuda_graphs: bool = False,
     dynamic: bool = True,
+    single_program: bool = False,
 ) -> CachedTransformer:
     """Wrap ``model`` in a :class:`CachedTransformer` (a drop-in ``nn.Module``).
 
     ``config``: an :class:`AdaCacheConfig`, a preset name, or None (``"fast-30"``). ``example_inputs``: kwargs dict
     or positional tuple of a real call, to capture now; otherwise capture happens on the first call, and again for
-    any later call whose input signature the existing captures cannot serve.
+    any later call whose input signature the existing captures cannot serve. ``single_program``: run every step as
+    one conditional program (``torch.cond`` of the full and the skip program, see
+    :mod:`~adacache_compile.passes.insert_cond`) instead of picking one of the two on the host; same schedule, same
+    outputs; not with ``cuda_graphs``.
     """
     if isinstance(config, str):
         config = AdaCacheConfig.preset(config)
     cached = CachedTransformer(
-        model, config, backend=backend, num_steps=num_steps, cuda_graphs=cuda_graphs, dynamic=dynamic
+        model,
+        config,
+        backend=backend,
+        num_steps=num_steps,
+        cuda_graphs=cuda_graphs,
+        dynamic=dynamic,
+        single_program=single_program,
     )
     if example_inputs is not None:
         if isinstance(example_inputs, dict):

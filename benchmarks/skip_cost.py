@@ -20,20 +20,30 @@ def median_ms(fn, repeats: int) -> float:
     return timed_runs(lambda _: fn(), range(repeats), warmup=1).median * 1e3
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark DiT's size options (shared with ``single_file.py``)."""
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args(argv)
+
+
+def cached_model(args) -> tuple[torch.nn.Module, dict, ac.CachedTransformer, list[torch.Tensor]]:
+    """The benchmark DiT of ``args``, its example call, its cached module and the call's flat inputs."""
     torch.manual_seed(0)
     model = TinyVideoDiT(dim=args.dim, heads=4, depth=args.depth).eval()
     kwargs = dict(hidden_states=torch.randn(2, 4, args.frames, args.size, args.size), timestep=torch.full((2,), 500))
     cached = ac.optimize(model, example_inputs=kwargs)
+    return model, kwargs, cached, cached.captures.latest().captured.flatten((), kwargs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    model, kwargs, cached, inputs = cached_model(args)
     programs = cached.programs
-    inputs = cached.captures.latest().captured.flatten((), kwargs)
     with torch.no_grad():
         tap_prev = programs.zero_tap(inputs)
         deltas = programs.decode_full(programs.full(*inputs, tap_prev)).deltas

@@ -235,7 +235,8 @@ def test_quality_latency_script_parses_its_options():
 
 
 @pytest.mark.parametrize(
-    "name", ["context_parallel", "export_findings", "gpu_check", "ort_speed", "skip_cost", "testbed_label_use"]
+    "name",
+    ["context_parallel", "export_findings", "gpu_check", "ort_speed", "single_file", "skip_cost", "testbed_label_use"],
 )
 def test_benchmark_scripts_import(name):
     assert callable(importlib.import_module(f"benchmarks.{name}").main)
@@ -247,6 +248,18 @@ def test_skip_cost_smoke(capsys):
     main(["--depth", "2", "--dim", "32", "--frames", "2", "--size", "4", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "skip / full = " in out and "full program" in out
+
+
+def test_single_file_benchmark_smoke(capsys):
+    pytest.importorskip("onnxruntime")
+    from benchmarks.single_file import main
+
+    result = main(["--depth", "2", "--dim", "32", "--frames", "2", "--size", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "cached.onnx / skip.onnx = " in out and "cached.onnx / full.onnx = " in out
+    # The If's else branch is the skip program (plus the pass-through): far smaller than its then branch.
+    assert result["else_branch nodes"] < result["then_branch nodes"] / 2
+    assert result["passed_through_bytes"] > 0
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from adacache_compile.errors import ArtifactError  # noqa: E402
 from adacache_compile.export.manifest import (  # noqa: E402
+    FORMAT_VERSION,
     Manifest,
     ProgramSpec,
     TensorSpec,
@@ -278,7 +279,9 @@ def test_missing_artifact_and_unknown_format_are_refused(tmp_path):
     (tmp_path / "skip.onnx").unlink()
     with pytest.raises(ArtifactError, match=r"skip.onnx: missing"):
         verify_artifacts(tmp_path, manifest)
-    text = (tmp_path / "manifest.json").read_text().replace('"format_version": 2', '"format_version": 99')
+    text = (
+        (tmp_path / "manifest.json").read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99')
+    )
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ArtifactError, match="unknown format version 99"):
         read_manifest(tmp_path)

@@ -1,5 +1,6 @@
 """to_onnx on the families test_export_integration.py does not cover: onnxruntime parity of the exported full and skip
-programs with the torch programs, computed here from the files, and the TensorRT readiness check."""
+programs with the torch programs, computed here from the files, and the TensorRT readiness check; and the single-file
+export (one ``If``) of every diffusers family, held to the same parity."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 
 from adacache_compile import AdaCacheConfig, optimize  # noqa: E402
-from adacache_compile.export import program_examples, read_export_manifest, to_onnx  # noqa: E402
+from adacache_compile.export import cond_examples, program_examples, read_export_manifest, to_onnx  # noqa: E402
 from adacache_compile.export.onnx_export import export_program  # noqa: E402
 from adacache_compile.export.ort_backend import OrtProgram  # noqa: E402
 from adacache_compile.export.trt_check import check_onnx_for_tensorrt, format_findings  # noqa: E402
@@ -41,6 +42,8 @@ RTOL = 1e-5
 DELTA_RTOL = 2e-5
 
 FAMILIES = list(DYNAMIC_BATCH)
+# Every diffusers family that exports (Latte and Wan's two-program exports are tested in test_export_integration.py).
+SINGLE_FILE_FAMILIES = ["latte", "cogvideox", "wan", "ltx", "hunyuan", "mochi", "allegro"]
 
 
 class BoolMaskOps(torch.nn.Module):
@@ -92,14 +95,8 @@ def test_batch_axis_is_dynamic_where_the_model_allows(exported):
     assert ("batch" in read_export_manifest(out_dir).profile_ranges) == DYNAMIC_BATCH[family]
 
 
-def test_onnxruntime_parity_of_full_and_skip(exported):
-    _, cached, out_dir = exported
-    examples, expected = program_examples(cached.plan.programs, cached.plan.example_inputs)
-    expected_full, expected_skip = expected["full"], expected["skip"]
-    actual_full = OrtProgram(out_dir / "full.onnx", providers=["CPUExecutionProvider"])(*examples["full"])
-    actual_skip = OrtProgram(out_dir / "skip.onnx", providers=["CPUExecutionProvider"])(*examples["skip"])
+def _assert_parity(programs, actual_full, actual_skip, expected_full, expected_skip):
     assert len(actual_full) == len(expected_full) and len(actual_skip) == len(expected_skip)
-    programs = cached.plan.programs
     actual, expected = programs.decode_full(actual_full), programs.decode_full(expected_full)
     pairs = [
         *((a, e, RTOL) for a, e in zip(actual.outputs, expected.outputs)),
@@ -113,8 +110,43 @@ def test_onnxruntime_parity_of_full_and_skip(exported):
         assert _relative_error(a, e) <= rtol
 
 
+def test_onnxruntime_parity_of_full_and_skip(exported):
+    _, cached, out_dir = exported
+    examples, expected = program_examples(cached.plan.programs, cached.plan.example_inputs)
+    actual_full = OrtProgram(out_dir / "full.onnx", providers=["CPUExecutionProvider"])(*examples["full"])
+    actual_skip = OrtProgram(out_dir / "skip.onnx", providers=["CPUExecutionProvider"])(*examples["skip"])
+    _assert_parity(cached.plan.programs, actual_full, actual_skip, expected["full"], expected["skip"])
+
+
 def test_tensorrt_check_finds_no_errors_and_the_documented_warnings(exported):
     family, _, out_dir = exported
     findings = check_onnx_for_tensorrt(out_dir / "full.onnx") + check_onnx_for_tensorrt(out_dir / "skip.onnx")
     assert not [f for f in findings if f.severity == "error"], format_findings(findings)
     assert {f.op_type for f in findings if f.severity == "warning"} == EXPECTED_WARNING_OPS[family]
+
+
+@pytest.fixture(scope="module", params=SINGLE_FILE_FAMILIES)
+def exported_single_file(request, tmp_path_factory):
+    """The single-file export of a family. Static shapes and no check inside to_onnx keep it quick: the parity test
+    below is the check (dynamic axes of the single file are covered on the testbed, test_single_program.py)."""
+    family = request.param
+    model, kwargs = build(family)
+    cached = optimize(model, AdaCacheConfig.preset("fast-50"), example_inputs=dict(kwargs, return_dict=False))
+    out_dir = to_onnx(cached, tmp_path_factory.mktemp(family) / "one", dynamic=False, verify=False, single_file=True)
+    return family, cached, out_dir
+
+
+def test_single_file_if_has_the_parity_of_the_two_programs(exported_single_file):
+    _, cached, out_dir = exported_single_file
+    programs = cached.plan.programs
+    examples, expected = program_examples(programs, cached.plan.example_inputs)
+    cond = OrtProgram(out_dir / "cached.onnx", providers=["CPUExecutionProvider"])
+    computed, skipped = (cond(*inputs) for inputs in cond_examples(examples))
+    _assert_parity(programs, computed, skipped[: programs.num_outputs], expected["full"], expected["skip"])
+
+
+def test_single_file_if_meets_the_tensorrt_if_constraints(exported_single_file):
+    _, _, out_dir = exported_single_file
+    findings = check_onnx_for_tensorrt(out_dir / "cached.onnx")
+    assert not [f for f in findings if f.severity == "error"], format_findings(findings)
+    assert [(f.op_type, f.kind) for f in findings if f.severity == "info"] == [("If", "checked")]

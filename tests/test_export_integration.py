@@ -196,12 +196,6 @@ def test_refuses_to_replace_a_foreign_directory(latte, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_single_file_is_no_parameter_yet(latte, tmp_path):
-    with pytest.raises(TypeError, match="single_file"):
-        to_onnx(latte[0], tmp_path / "one", single_file=True)
-    assert not (tmp_path / "one").exists()
-
-
 def test_cli_check_trt_lists_findings(latte, wan, capsys):
     for _, _, out_dir in (latte, wan):
         assert main(["check-trt", str(out_dir)]) == 0

@@ -119,7 +119,8 @@ class Axes:
         return f"{safe_name(name)}_dim{dim}"
 
     def _canonical_expr(self, expr):
-        expr = expr.xreplace(self.pinned)
+        # A dim that is exactly a pinned symbol comes back as a Python int.
+        expr = self._sympy.sympify(expr.xreplace(self.pinned))
         return expr.xreplace({s: self.canonical[self.name_of[s]] for s in expr.free_symbols if s in self.name_of})
 
     def _evaluate(self, expr, which: int) -> int:

@@ -33,7 +33,10 @@ __all__ = [
     "ENGINE_SUFFIXES",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "READABLE_FORMAT_VERSIONS",
     "ROLES",
+    "SINGLE_FILE",
+    "TWO_PROGRAMS",
     "ExportManifest",
     "Manifest",
     "ProgramSpec",
@@ -54,10 +57,16 @@ logger = logging.getLogger(__name__)
 
 # 2: the metrics vector holds ||tap|| (MetricValues.tap_norm); a forecasting skip program takes delta slots and
 # forecast_weights.
-FORMAT_VERSION = 2
+# 3: ``layout`` ("two_programs": full + skip; "single_file": one conditional program "cached" whose extra input
+# ``compute`` has role "compute"), and ``runtime.delta_shapes`` (a shape formula per delta, for zero stand-ins).
+# A version 2 manifest reads as layout "two_programs" (the only one it could hold).
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (2, 3)
 MANIFEST_NAME = "manifest.json"
+TWO_PROGRAMS, SINGLE_FILE = "two_programs", "single_file"
+LAYOUTS = {TWO_PROGRAMS: ("full", "skip"), SINGLE_FILE: ("cached",)}  # layout -> its programs
 # What each program input/output is to the runtime.
-ROLES = ("model_input", "model_output", "delta", "tap", "tap_prev", "metric", "forecast_weights")
+ROLES = ("model_input", "model_output", "delta", "tap", "tap_prev", "metric", "forecast_weights", "compute")
 # TensorRT plans run only under the TensorRT version that built them.
 ENGINE_SUFFIXES = (".plan", ".engine")
 # What a TensorRT plan is tied to: the TensorRT version and the GPU (tactics and kernels are chosen per device).
@@ -109,6 +118,7 @@ class Manifest:
     model: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    layout: str = TWO_PROGRAMS
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -116,11 +126,12 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = MANIFEST_NAME) -> Manifest:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ArtifactError(
-                f"{source}: unknown format version {version!r}; this adacache_compile reads version {FORMAT_VERSION}, "
-                "re-export with the installed version"
+                f"{source}: unknown format version {version!r}; this adacache_compile reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}, re-export with the installed version"
             )
+
         try:
             programs = {
                 name: ProgramSpec(
@@ -185,11 +196,17 @@ def read_manifest(out_dir: str | os.PathLike, cls: type[Manifest] | None = None)
 
 
 def read_export_manifest(out_dir: str | os.PathLike) -> ExportManifest:
-    """The manifest of a ``to_onnx`` export directory, or ArtifactError (also when it has no ``runtime`` section)."""
+    """The manifest of a ``to_onnx`` export directory, or ArtifactError (also when it has no ``runtime`` section, or
+    programs other than its ``layout``'s)."""
     manifest = read_manifest(out_dir, ExportManifest)
+    source = Path(out_dir) / MANIFEST_NAME
     if not isinstance(manifest.runtime, dict) or not manifest.runtime:
+        raise ArtifactError(f"{source}: malformed manifest: no 'runtime' section (not written by to_onnx?)")
+    if manifest.layout not in LAYOUTS or set(manifest.programs) != set(LAYOUTS[manifest.layout]):
         raise ArtifactError(
-            f"{Path(out_dir) / MANIFEST_NAME}: malformed manifest: no 'runtime' section (not written by to_onnx?)"
+            f"{source}: malformed manifest: layout {manifest.layout!r} with programs {sorted(manifest.programs)}; "
+            "expected "
+            + " or ".join(f"layout {name!r} with programs {list(programs)}" for name, programs in LAYOUTS.items())
         )
     return manifest
 
@@ -200,9 +217,10 @@ def verify_artifacts(
     """Raise ``ArtifactError`` unless every file of ``manifest`` exists with the recorded sha256, and every library in
     ``same_versions`` that is installed has the recorded version (default: tensorrt when there are engine files)."""
     out_dir = Path(out_dir)
-    if manifest.format_version != FORMAT_VERSION:
+    if manifest.format_version not in READABLE_FORMAT_VERSIONS:
         raise ArtifactError(
-            f"{out_dir / MANIFEST_NAME}: unknown format version {manifest.format_version!r}; expected {FORMAT_VERSION}"
+            f"{out_dir / MANIFEST_NAME}: unknown format version {manifest.format_version!r}; expected one of "
+            f"{list(READABLE_FORMAT_VERSIONS)}"
         )
     for program_name, program in manifest.programs.items():
         if program.file not in manifest.files:

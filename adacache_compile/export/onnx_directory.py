@@ -1,5 +1,7 @@
 """``to_onnx``: a cached model's full and skip programs to an export directory (``full.onnx``, ``skip.onnx``,
-``manifest.json``), each program checked against torch with onnxruntime on the example.
+``manifest.json``), each program checked against torch with onnxruntime on the example. With ``single_file=True``
+the directory holds one ``cached.onnx`` instead: the conditional program (an ONNX ``If`` of the two, see
+:mod:`adacache_compile.passes.insert_cond`), checked on both branches.
 
 The directory is written atomically: everything goes to a staging directory next to ``out_dir`` that is swapped in
 only when complete, so an interrupted export leaves the previous artifacts loadable.
@@ -7,6 +9,7 @@ only when complete, so an interrupted export leaves the previous artifacts loada
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,12 +22,15 @@ import torch.fx as fx
 from ..errors import ArtifactError, UnsupportedModelError
 from ..forecast import extrapolation_weights
 from ..parallel import context_parallel_of
-from ..plan import FORECAST_WEIGHTS, FullResult
+from ..passes.insert_cond import build_cond_program
+from ..plan import COMPUTE, FORECAST_WEIGHTS, FullResult
 from . import onnx_export, ort_backend
 from .axes import Axes, safe_name
 from .fingerprint import stamp_fingerprint
 from .manifest import (
     MANIFEST_NAME,
+    SINGLE_FILE,
+    TWO_PROGRAMS,
     ExportManifest,
     ProgramSpec,
     TensorSpec,
@@ -36,10 +42,11 @@ from .manifest import (
 from .signature import runtime_section
 from .staging import replace_dir, staging_dir
 
-__all__ = ["program_examples", "to_onnx"]
+__all__ = ["cond_examples", "program_examples", "to_onnx"]
 
 logger = logging.getLogger(__name__)
 
+CACHED_PREFIX = "cached_"  # the conditional program's cached-delta inputs: cached_delta_stream0, ...
 _ONNXRUNTIME_HINT = (
     "to_onnx(verify=True) runs each exported program once with onnxruntime, which is not installed: "
     "pip install 'adacache-compile[onnx]' (or pass verify=False to export unchecked)"
@@ -64,6 +71,14 @@ def program_examples(programs, example_inputs) -> tuple[dict[str, list], dict[st
     return {"full": example + [tap_prev], "skip": example + cached}, {"full": full, "skip": skip}
 
 
+def cond_examples(examples: Mapping[str, list]) -> list[list]:
+    """The conditional program's inputs for :func:`program_examples`' ``examples``: ``compute`` true (the full
+    program's inputs, the skip program's cached ones unread) and false (the other way round)."""
+    n = len(examples["full"]) - 1
+    model_inputs, tap_prev, cached = examples["full"][:n], examples["full"][-1], examples["skip"][n:]
+    return [[*model_inputs, torch.tensor(flag), *cached, tap_prev] for flag in (True, False)]
+
+
 def to_onnx(
     cached,
     out_dir: str | os.PathLike,
@@ -74,6 +89,7 @@ def to_onnx(
     max_sizes: Mapping[str, int] | None = None,
     verify: bool = True,
     example_source: Mapping[str, Any] | None = None,
+    single_file: bool = False,
 ) -> Path:
     """Export the latest capture's full and skip programs of ``cached`` (a :class:`CachedTransformer`) to ``out_dir``.
 
@@ -83,7 +99,9 @@ def to_onnx(
     onnxruntime) each program is run once on the example and compared with the torch program; a fully dynamic export
     that fails this (the exporter mistranslates some size arithmetic, seen on Latte) is redone with only ``batch``
     dynamic, with a warning. ``example_source`` describes where the example inputs came from (the CLI's MODEL_SPEC
-    and input source); the manifest records it under ``runtime.example_inputs``. Returns ``out_dir``.
+    and input source); the manifest records it under ``runtime.example_inputs``. ``single_file``: one
+    ``cached.onnx`` holding an ONNX ``If`` of the two programs (the manifest's ``layout`` is ``"single_file"``)
+    instead of ``full.onnx`` and ``skip.onnx``. Returns ``out_dir``.
     """
     _refuse_context_parallel(cached)
     if verify:
@@ -99,9 +117,8 @@ def to_onnx(
     specs = _io_specs(entry, axes, examples["full"], entry.programs.decode_full(expected["full"]))
     fingerprint = model_fingerprint(cached._orig_mod)
     with staging_dir(out_dir) as staging:
-        written = _write_programs(
-            entry, examples, specs, staging, fingerprint, opset=opset, verify=verify, dynamic=dynamic
-        )
+        jobs = _program_jobs(entry.programs, examples, single_file)
+        written = _write_programs(jobs, specs, staging, fingerprint, opset=opset, verify=verify, dynamic=dynamic)
         if written is not None:
             program_specs, files = written
             manifest = ExportManifest(
@@ -113,6 +130,7 @@ def to_onnx(
                 model=fingerprint,
                 versions=library_versions(),
                 runtime={**runtime_section(entry), "example_inputs": dict(example_source or {})},
+                layout=SINGLE_FILE if single_file else TWO_PROGRAMS,
             )
             write_manifest(staging, manifest)
             replace_dir(staging, out_dir)
@@ -126,6 +144,7 @@ def to_onnx(
         max_sizes=max_sizes,
         verify=verify,
         example_source=example_source,
+        single_file=single_file,
     )
 
 
@@ -215,9 +234,15 @@ def _io_specs(entry, axes: Axes, full_inputs: list[torch.Tensor], full: FullResu
     ]
     tap_out = TensorSpec("tap", list(tap_in.shape), tap_in.dtype, "tap")
     metrics = TensorSpec("metrics", list(full.metrics.shape), _dtype_name(full.metrics), "metric")
+    # One graph takes the cached deltas and returns the new ones: the inputs get a prefix.
+    cond_cached = [
+        dataclasses.replace(t, name=f"{CACHED_PREFIX}{t.name}") if t.role == "delta" else t for t in skip_cached
+    ]
+    compute = TensorSpec(COMPUTE, [], "bool", "compute")
     return {
         "full": (model_inputs + [tap_in], outputs + deltas + [tap_out, metrics]),
         "skip": (model_inputs + skip_cached, outputs),
+        "cached": (model_inputs + [compute] + cond_cached + [tap_in], outputs + deltas + [tap_out, metrics]),
     }
 
 
@@ -229,23 +254,37 @@ def _dynamic_axes(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
     }
 
 
-def _write_programs(entry, examples, specs, staging: Path, fingerprint, *, opset, verify, dynamic):
-    """Export, check and stamp both programs into ``staging``: ``(program specs, files)``, or None when onnxruntime
-    disagrees with torch on a fully dynamic export (the caller retries with only ``batch`` dynamic)."""
+def _program_jobs(programs, examples, single_file: bool) -> list[tuple[str, fx.GraphModule, list[list], bool]]:
+    """``(name, program, example input lists, rewrite)`` per ONNX file: the full and the skip program, or the one
+    conditional program, built from pre-export-rewritten copies of the two (so the rewrites reach its branches)."""
+    if not single_file:
+        return [(name, getattr(programs, name), [examples[name]], True) for name in ("full", "skip")]
+    branches = {
+        name: onnx_export.prepared_program(getattr(programs, name), examples[name], f"the {name} branch")
+        for name in ("full", "skip")
+    }
+    cond = build_cond_program(programs, branches)
+    return [("cached", cond, cond_examples(examples), False)]
+
+
+def _write_programs(jobs, specs, staging: Path, fingerprint, *, opset, verify, dynamic):
+    """Export, check and stamp each program of ``jobs`` into ``staging``: ``(program specs, files)``, or None when
+    onnxruntime disagrees with torch on a fully dynamic export (the caller retries with only ``batch`` dynamic)."""
     program_specs, files = {}, []
-    for name in ("full", "skip"):
-        program, (inputs, outputs) = getattr(entry.programs, name), specs[name]
+    for name, program, example_sets, rewrite in jobs:
+        inputs, outputs = specs[name]
         logger.info("exporting the %s program to ONNX", name)
         path = onnx_export.export_program(
             program,
-            tuple(examples[name]),
+            tuple(example_sets[0]),
             staging / f"{name}.onnx",
             input_names=[t.name for t in inputs],
             output_names=[t.name for t in outputs],
             dynamic_axes=_dynamic_axes(inputs),
             opset=opset,
+            rewrite=rewrite,
         )
-        if verify and not _matches_torch(path, program, examples[name]):
+        if verify and not all(_matches_torch(path, program, example) for example in example_sets):
             if dynamic is not True:
                 raise ArtifactError(f"{path.name}: onnxruntime disagrees with the torch {name} program")
             logger.warning(

@@ -30,6 +30,7 @@ __all__ = [
     "drop_non_unit_squeeze_dims",
     "export_program",
     "onnx_artifact_files",
+    "prepared_program",
 ]
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,17 @@ def apply_pre_export_rewrites(
     return applied
 
 
+def prepared_program(
+    program: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str
+) -> torch.fx.GraphModule:
+    """A copy of ``program`` (sharing parameters) with :data:`PRE_EXPORT_REWRITES` applied; ``name`` is for the log."""
+    program = _copy_graph_module(program)
+    applied = apply_pre_export_rewrites(program, example_inputs)
+    if applied:
+        logger.info("pre-export rewrites applied to %s: %s", name, ", ".join(applied))
+    return program
+
+
 def _copy_graph_module(program: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule with its own graph (rewrites must not touch the caller's) sharing parameters and buffers."""
     graph = torch.fx.Graph()
@@ -379,8 +391,13 @@ def export_program(
     dynamic_axes: dict[str, dict[int, str]] | None,
     opset: int | None = None,
     external_data: bool | None = None,
+    rewrite: bool = True,
 ) -> Path:
     """Export ``program`` (flat tensor inputs, flat tuple of tensor outputs) to ``path``; returns the path.
+
+    A GraphModule gets :data:`PRE_EXPORT_REWRITES` first, on a copy; ``rewrite=False`` when the caller has applied
+    them already (``to_onnx(single_file=True)`` applies them to the two programs its conditional program wraps: the
+    rewrites see one flat graph, not ``cond`` branch subgraphs).
 
     ``dynamic_axes`` maps input names to ``{axis: axis_name}``; inputs sharing an axis name share one dim. Output dims
     follow from the graph and carry the same names. The file goes to a temporary name in the same directory, is
@@ -404,11 +421,8 @@ def export_program(
         raise ValueError(f"dynamic_axes names {sorted(unknown)} are neither inputs nor outputs")
     input_axes = {name: axes for name, axes in dynamic_axes.items() if name in input_names}
 
-    if isinstance(program, torch.fx.GraphModule):
-        program = _copy_graph_module(program)
-        applied = apply_pre_export_rewrites(program, example_inputs)
-        if applied:
-            logger.info("pre-export rewrites applied to %s: %s", path.name, ", ".join(applied))
+    if rewrite and isinstance(program, torch.fx.GraphModule):
+        program = prepared_program(program, example_inputs, path.name)
 
     exported = _torch_export(program, example_inputs, input_names, input_axes)
     onnx_program = torch.onnx.export(

@@ -21,7 +21,7 @@ from ..capture import CallSignature, Captured, InputSpec
 from ..capture_cache import CompiledEntry, programs_serve
 from ..config import AdaCacheConfig
 from ..errors import ArtifactError, InputMismatchError
-from ..plan import Block, CachePlan, MoRegLayout, Programs
+from ..plan import Block, CachePlan, MoRegLayout, Programs, SingleProgram
 from ..runtime import ProgramRuntime
 
 __all__ = ["ExportedCall", "ExportedCapture", "ExportedTransformer"]
@@ -158,12 +158,15 @@ class ExportedTransformer(ProgramRuntime):
 
 def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> CompiledEntry:
     from .axes import TapShape
+    from .manifest import SINGLE_FILE
     from .signature import forward_signature_from
 
     where = "manifest.json"
     try:
-        full_inputs = [t for t in manifest.programs["full"].inputs if t.role == "model_input"]
-        device = getattr(programs["full"], "device", torch.device("cpu"))
+        main = "cached" if manifest.layout == SINGLE_FILE else "full"  # the program whose I/O describes the call
+        full_inputs = [t for t in manifest.programs[main].inputs if t.role == "model_input"]
+        delta_outputs = [t for t in manifest.programs[main].outputs if t.role == "delta"]
+        device = getattr(programs[main], "device", torch.device("cpu"))
         input_specs, axes = [], []
         for name, spec in zip(runtime["input_names"], full_inputs):
             input_specs.append(
@@ -203,19 +206,26 @@ def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> Compi
             region_blocks=[b for b in blocks if b.name in region],
             moreg_layout=MoRegLayout(**{**layout, "view": tuple(layout["view"])}) if layout else None,
             programs=Programs(
-                full=programs["full"],
-                skip=programs["skip"],
+                full=programs.get("full"),
+                skip=programs.get("skip"),
                 tap_shape=TapShape(runtime["tap_shape"]),
                 tap_dtype=_dtype(runtime["tap_dtype"], where),
                 moreg_strides=tuple(runtime["moreg_strides"]),
                 num_outputs=int(runtime["num_outputs"]),
                 delta_names=list(runtime["delta_names"]),
                 forecast_order=AdaCacheConfig.from_dict(manifest.config).forecast_order,
+                # Written from format version 3 on; only the single-file layout needs them (zero stand-ins).
+                delta_shapes=[TapShape(formula) for formula in runtime.get("delta_shapes", [])],
+                delta_dtypes=[_dtype(t.dtype, where) for t in delta_outputs],
+                cond=programs.get("cached"),
             ),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{where}: malformed runtime section: {type(e).__name__}: {e}") from e
-    return CompiledEntry(captured, plan, programs["full"], programs["skip"])
+    if plan.programs.cond is not None:
+        single = SingleProgram(plan.programs, plan.programs.cond)
+        plan.programs.full, plan.programs.skip = single.full, single.skip
+    return CompiledEntry(captured, plan, plan.programs.full, plan.programs.skip)
 
 
 def _block(name: str) -> Block:

@@ -1,5 +1,6 @@
 """The manifest's ``runtime`` section: what an exported runtime needs to rebuild the captured call (pytree specs,
-constants, the forward signature, output and delta names, the tap dtype and shape formula, the plan's blocks)."""
+constants, the forward signature, output and delta names, the tap dtype, the tap's and the deltas' shape formulas,
+the plan's blocks)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def runtime_section(entry) -> dict[str, Any]:
         "tap_dtype": str(programs.tap_dtype).removeprefix("torch."),
         "moreg_strides": list(programs.moreg_strides),
         "tap_shape": serialise_tap_shape(programs.tap_shape),
+        "delta_shapes": [serialise_tap_shape(shape) for shape in programs.delta_shapes],
         "blocks": list(plan.blocks),
         "region": list(plan.region),
         "tap": plan.tap,

@@ -12,6 +12,7 @@ from .elide_copies import elide_copies
 from .find_blocks import find_blocks
 from .find_stream import find_stream
 from .hoist_leaks import hoist_leaks
+from .insert_cond import insert_cond
 from .split_programs import adacache_metrics, split_programs
 from .tap_metric import tap_metric
 
@@ -19,7 +20,7 @@ __all__ = ["PASSES", "run_passes", "adacache_metrics"]
 
 logger = logging.getLogger(__name__)
 
-PASSES = [find_blocks, find_stream, hoist_leaks, tap_metric, split_programs, elide_copies]
+PASSES = [find_blocks, find_stream, hoist_leaks, tap_metric, split_programs, elide_copies, insert_cond]
 
 
 def run_passes(gm: fx.GraphModule, plan: CachePlan, passes=None) -> CachePlan:

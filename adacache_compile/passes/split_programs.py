@@ -71,7 +71,7 @@ def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
     plan.programs = Programs(
         full=full,
         skip=skip,
-        tap_shape=_build_tap_shape(gm, plan),
+        tap_shape=_build_shape(gm, plan.tap_node.meta["val"], "TapShape"),
         tap_dtype=plan.tap_node.meta["val"].dtype,
         moreg_strides=_moreg_strides(plan),
         num_outputs=num_outputs,
@@ -79,6 +79,8 @@ def split_programs(gm: fx.GraphModule, plan: CachePlan) -> PassResult:
         forecast_order=_forecast_order(plan),
         context_parallel=plan.context_parallel,
         norm_ord=int(getattr(plan.config, "norm_ord", 1)),
+        delta_shapes=[_build_shape(gm, s.output.meta["val"], "DeltaShape") for s in plan.streams],
+        delta_dtypes=[s.output.meta["val"].dtype for s in plan.streams],
     )
     _check_skip_is_free_of_region(skip, plan)
     logger.info(
@@ -218,15 +220,16 @@ def _moreg_view(graph: fx.Graph, layout, tap: fx.Node, env: dict, placeholders: 
     return tuple(values[k] for k in layout.view)
 
 
-def _build_tap_shape(gm: fx.GraphModule, plan: CachePlan) -> fx.GraphModule:
-    """``tap_shape(*inputs) -> tuple[int, ...]``: the tap's shape for a call, so the first step can pass a zero
-    ``tap_prev`` of the right shape without running anything heavy."""
+def _build_shape(gm: fx.GraphModule, value: torch.Tensor, class_name: str) -> fx.GraphModule:
+    """``shape(*inputs) -> tuple[int, ...]``: the shape of a cached tensor (``value``: the tap's or a delta's fake
+    value) for a call, so a step with nothing cached can pass zeros of the right shape without running anything
+    heavy."""
     graph = fx.Graph()
     env = {n: graph.placeholder(n.name) for n in _placeholders(gm)}
     symbols = SymbolTable(gm.graph)
-    dims = [symbols.materialize(graph, d, env, where="tap shape") for d in plan.tap_node.meta["val"].shape]
+    dims = [symbols.materialize(graph, d, env, where=class_name) for d in value.shape]
     graph.output(tuple(dims))
-    return fx.GraphModule(torch.nn.Module(), graph, class_name="TapShape")
+    return fx.GraphModule(torch.nn.Module(), graph, class_name=class_name)
 
 
 def _forecast_order(plan: CachePlan) -> int:
