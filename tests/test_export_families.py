@@ -143,6 +143,9 @@ def test_single_file_if_has_the_parity_of_the_two_programs(exported_single_file)
     cond = OrtProgram(out_dir / "cached.onnx", providers=["CPUExecutionProvider"])
     computed, skipped = (cond(*inputs) for inputs in cond_examples(examples))
     _assert_parity(programs, computed, skipped[: programs.num_outputs], expected["full"], expected["skip"])
+    # A skipped step returns no copy of the cached deltas or tap (export/single_file.py); metrics stay last.
+    passthrough = skipped[programs.num_outputs : -1]
+    assert len(passthrough) == len(programs.delta_names) + 1 and all(t.numel() == 0 for t in passthrough)
 
 
 def test_single_file_if_meets_the_tensorrt_if_constraints(exported_single_file):

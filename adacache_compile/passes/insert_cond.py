@@ -15,7 +15,9 @@ gives ``2*(h//2)``-style sizes whose contiguous strides hold ``Max(1, h//2)``); 
 through inputs are cloned: a ``cond`` branch must not return an alias of its inputs.
 
 The pass runs when the plan asks for it (``optimize(..., single_program=True)``); ``to_onnx(single_file=True)``
-calls :func:`build_cond_program` on its own (pre-export-rewritten) copies of the two programs.
+calls :func:`build_cond_program` on its own (pre-export-rewritten) copies of the two programs, and then makes the
+exported ``If``'s else branch return empty deltas and tap instead of the clones
+(:mod:`adacache_compile.export.single_file`).
 """
 
 from __future__ import annotations
