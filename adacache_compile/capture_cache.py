@@ -109,16 +109,14 @@ class CaptureCache:
     def runners(self, programs: Programs) -> tuple[Any, Any]:
         """The callables that run the full and the skip program on this cache's backend (with ``single_program``,
         both are calls of the one conditional program)."""
+
+        def compiled(program):
+            return torch.compile(program, dynamic=False, fullgraph=True) if self.backend == "inductor" else program
+
         if programs.cond is not None:
-            cond = programs.cond
-            if self.backend == "inductor":
-                cond = torch.compile(cond, dynamic=False, fullgraph=True)
-            single = SingleProgram(programs, cond)
+            single = SingleProgram(programs, compiled(programs.cond))
             return single.full, single.skip
-        full, skip = programs.full, programs.skip
-        if self.backend == "inductor":
-            full = torch.compile(full, dynamic=False, fullgraph=True)
-            skip = torch.compile(skip, dynamic=False, fullgraph=True)
+        full, skip = compiled(programs.full), compiled(programs.skip)
         if self.cuda_graphs:
             from .cuda_graphs import CUDAGraphProgram
 

@@ -108,10 +108,8 @@ def _drop_dead_nodes(graph) -> None:
     """Remove the nodes of ``graph`` (a branch) whose outputs nothing reads any more."""
     while True:
         used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-        for attr_node in graph.node:
-            for attr in attr_node.attribute:
-                if attr.g is not None:
-                    used |= {name for node in attr.g.node for name in node.input}
+        # Values read inside a nested subgraph (an If or Loop within the branch) count too.
+        used |= {name for node in graph.node for attr in node.attribute for sub in attr.g.node for name in sub.input}
         dead = [node for node in graph.node if node.output and not any(out in used for out in node.output)]
         if not dead:
             return
