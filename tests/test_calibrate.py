@@ -372,3 +372,29 @@ def test_refinement_interpolates_or_steps_towards_the_measured_target():
     assert _next_solve_for([point(0.30, 0.22), point(0.32, 0.24)], 0.28) == pytest.approx(0.36)
     # A secant gain of 100 (the measured fraction hardly moved) is not trusted: the bias step, 0.40 + 0.029.
     assert _next_solve_for([point(0.30, 0.25), point(0.40, 0.251)], 0.28) == pytest.approx(0.429)
+
+
+def test_a_preset_target_is_its_shipped_compute_and_its_codebook_in_the_combinations_start_and_end():
+    from adacache_compile.calibration import base_config
+    from adacache_compile.config import FORECAST_FORCED_STEPS
+    from adacache_compile.testbed.calibrate import preset_target
+
+    measured = []
+
+    def evaluator(config):  # the calibration's evaluator interface: (error, measured fraction, info)
+        measured.append(config)
+        return 0.0, 0.25, {}
+
+    shipped = AdaCacheConfig.preset("fast-50")
+    fraction, extra = preset_target("fast-50", base_config(2, "change"), evaluator)
+    # The target is the compute of the preset as users run it (order 0, the reference's start and end) ...
+    assert measured == [shipped] and fraction == 0.25
+    # ... and its codebook competes with the forecasting candidates' start and end, not the reference's.
+    (candidate,) = extra.values()
+    assert list(extra) == ["preset:fast-50"]
+    assert candidate.codebook == shipped.codebook and candidate.forecast_order == 2
+    assert candidate.first_rate == "top" and candidate.forced_steps == FORECAST_FORCED_STEPS
+    assert shipped.first_rate == 1 and shipped.forced_steps != FORECAST_FORCED_STEPS
+    # Order 0: the preset itself.
+    _, extra = preset_target("fast-50", base_config(0), evaluator)
+    assert list(extra.values()) == [shipped]

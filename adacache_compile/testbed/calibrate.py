@@ -44,6 +44,7 @@ __all__ = [
     "record_testbed_metrics",
     "TestbedEvaluator",
     "calibrate_testbed",
+    "preset_target",
 ]
 
 # Calibration videos: three shapes x every motion bucket, seeds disjoint from the demo's (11-14) and the
@@ -175,6 +176,16 @@ def _rounded(codebook) -> list:
     return [(round(t, 4), r) for t, r in codebook]
 
 
+def preset_target(name: str, base: AdaCacheConfig, evaluator) -> tuple[float, dict[str, AdaCacheConfig]]:
+    """The target of a preset name and the candidate it adds: the compute fraction ``evaluator`` measures for the
+    preset as shipped, and the preset's codebook placed into ``base`` (the start and end every candidate of this
+    forecast order runs with; order 0: the shipped preset itself), named ``"preset:<name>"``."""
+    shipped = AdaCacheConfig.preset(name)
+    _, fraction, _ = evaluator(shipped)
+    candidate = shipped if base.forecast_order == 0 else base.replace(codebook=shipped.codebook)
+    return fraction, {f"preset:{name}": candidate}
+
+
 def calibrate_testbed(
     num_steps: int,
     targets: Sequence[str] = ("fast", "slow"),
@@ -196,8 +207,9 @@ def calibrate_testbed(
 
     A target is a compute fraction (``"0.28"``: :func:`~adacache_compile.calibration.select_config`, measured on the
     ``eval_videos`` videos spread over the list, default all), a template name (``"fast"``, ``"slow"``: its quantiles unscaled, no
-    measurement) or a preset name (``"fast-50"``: the preset is measured and the target is its measured fraction, so
-    the calibrated codebook and the preset are compared at equal compute; the preset is a candidate too).
+    measurement) or a preset name (``"fast-50"``: the preset is measured as shipped and the target is its measured
+    fraction, so the calibrated config and the shipped preset compute equally; the preset's codebook is a candidate
+    too, in the combination's start and end, :func:`~adacache_compile.calibration.base_config`).
     ``compare``: presets to measure once per combination of order 0 for the report.
 
     ``report["targets"][target]["config"]`` (first combination) and
@@ -266,10 +278,8 @@ def calibrate_testbed(
         for target in targets:
             parsed = _parse_target(target)
             extra = None
-            if isinstance(parsed, str) and "-" in parsed:  # a preset: compare at its measured compute
-                preset = AdaCacheConfig.preset(parsed).replace(forecast_order=order, decision_metric=metric)
-                _, parsed, _ = evaluator(preset)
-                extra = {f"preset:{target}": preset}
+            if isinstance(parsed, str) and "-" in parsed:
+                parsed, extra = preset_target(parsed, base, evaluator)
             if not isinstance(parsed, str):
                 # Candidates measured for an earlier target of this combination that landed in this band join as
                 # candidates (served from the evaluator's memo: no new run), named "<name>@<earlier target>".
