@@ -68,6 +68,9 @@ class CaptureCache:
         self.cuda_graphs = cuda_graphs
         self.dynamic = dynamic
         self.entries: list[CompiledEntry] = []
+        # Captures whose programs another config needs (another forecast order, region, ...), kept with the model state
+        # they were made in, so that switching back (use_config) needs no new capture.
+        self._kept: list[tuple[tuple, list[CompiledEntry]]] = []
         self.captures_made = 0  # how many captures this cache has run (a new one per signature or model change)
         self._model_state: tuple | None = None  # model_state(model) when the entries were captured
         self._lock = threading.RLock()
@@ -103,6 +106,7 @@ class CaptureCache:
             self._model_state = state
             if len(self.entries) > MAX_CAPTURES:
                 self.entries.pop(0)
+            self._trim_kept()
             logger.info("adacache plan for %s:\n%s", type(self.model).__name__, plan.describe())
             return entry
 
@@ -148,15 +152,41 @@ class CaptureCache:
         return entry, entry.captured.flatten(args, kwargs)
 
     def accept(self, config: AdaCacheConfig) -> None:
-        """Prepare for ``config``: captures whose programs compute something else are dropped (re-captured on the
-        next call)."""
-        if not programs_serve(self.entries, config):
-            logger.info("use_config: the programs depend on the changed fields; re-capturing on the next call")
-            self.clear()
+        """Prepare for ``config``: captures whose programs compute something else are set aside, and the ones kept
+        from an earlier config whose programs serve this one come back, if the model is unchanged since they were
+        made; otherwise the next call captures anew."""
+        if programs_serve(self.entries, config):
+            return
+        with self._lock:
+            state = model_state(self.model)
+            found = next(
+                (
+                    i
+                    for i, (made_in, entries) in enumerate(self._kept)
+                    if made_in == state and programs_serve(entries, config)
+                ),
+                None,
+            )
+            if self.entries:
+                self._kept.append((self._model_state, self.entries))
+            if found is None:
+                self.entries = []
+                logger.info("use_config: the programs depend on the changed fields; re-capturing on the next call")
+            else:
+                _, self.entries = self._kept.pop(found)
+                self._model_state = state
+                logger.info("use_config: serving the config from %d kept capture(s)", len(self.entries))
+            self._trim_kept()
+
+    def _trim_kept(self) -> None:
+        """At most :data:`MAX_CAPTURES` captures in all: the oldest kept ones go first."""
+        while self._kept and len(self.entries) + sum(len(e) for _, e in self._kept) > MAX_CAPTURES:
+            self._kept.pop(0)
 
     def clear(self) -> None:
         with self._lock:
             self.entries.clear()
+            self._kept.clear()
 
     def refresh(self) -> bool:
         """Drop the captures when the model changed since they were made (a LoRA added, fused or re-weighted, a
@@ -177,7 +207,7 @@ class CaptureCache:
             type(self.model).__name__,
             describe_change(self._model_state, state),
         )
-        self.entries.clear()
+        self.clear()
 
     def bypass_reason(self, args: tuple, kwargs: dict) -> str | None:
         """Why this call must run the original module uncached, or None.

@@ -385,7 +385,40 @@ def test_use_config_keeps_captures_for_host_side_changes_and_recaptures_for_prog
 
     other_region = AdaCacheConfig(codebook=((10.0, 2),), region=(1, 4))
     cached.use_config(other_region)
-    assert cached.captures.entries == [], "a region change drops the captures"
+    assert cached.captures.entries == [], "a region change sets the captures aside"
     got = in_generation(cached, latents, prompt)
     assert cached.plan.region != entry.plan.region
     assert_all_equal(got, in_generation(optimize(model, other_region), latents, prompt))
+
+
+def test_switching_back_to_a_config_reuses_its_kept_capture_unless_the_model_changed():
+    model = tiny_latte()
+    latents, prompt = make_inputs(9)
+    cached = optimize(model, SKIPPING)
+    reuse = in_generation(cached, latents, prompt)
+    reuse_entry = cached.captures.latest()
+
+    forecasting = SKIPPING.replace(forecast_order=2)  # other programs: a new capture
+    cached.use_config(forecasting)
+    forecast = in_generation(cached, latents, prompt)
+    forecast_entry = cached.captures.latest()
+    assert forecast_entry is not reuse_entry and cached.captures.captures_made == 2
+
+    # Back and forth: the kept captures serve again, with the same outputs as before; nothing is captured anew.
+    cached.use_config(SKIPPING)
+    assert cached.captures.entries == [reuse_entry]
+    assert_all_equal(in_generation(cached, latents, prompt), reuse)
+    cached.use_config(forecasting)
+    assert cached.captures.entries == [forecast_entry]
+    assert_all_equal(in_generation(cached, latents, prompt), forecast)
+    assert cached.captures.captures_made == 2
+
+    # A model changed while a capture was kept: that capture never runs again.
+    old = model.proj_out
+    model.proj_out = torch.nn.Linear(old.in_features, old.out_features)
+    cached.use_config(SKIPPING)
+    assert cached.captures.entries == [], "the kept capture saw another model"
+    got = in_generation(cached, latents, prompt)
+    assert cached.captures.captures_made == 3
+    assert_all_equal(got, in_generation(optimize(model, SKIPPING), latents, prompt))
+    assert not torch.equal(got[0], reuse[0])
