@@ -4,6 +4,7 @@ run timed on its own with ``time.perf_counter``."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -54,10 +55,13 @@ def timed_runs(
     run, e.g. ``lambda: cached.generation(num_steps=n)``), ``run(item)`` runs, the context exits and the clock stops;
     then ``after()`` (untimed, e.g. reading the stats the context wrote) gives the run's record. ``warmup`` untimed
     runs of the first item, each the same way, go first. With ``sync`` CUDA is synchronised before the clock starts
-    and before it stops (when CUDA is in use), so asynchronous kernels are counted in their own run.
+    and before it stops (when CUDA is in use), so asynchronous kernels are counted in their own run. Python's garbage
+    is collected once before the first run, so that what earlier work left (a capture's graphs, another method's
+    tensors) is not collected inside a timed run.
     """
     items = list(items)
     timed = TimedRuns()
+    gc.collect()
 
     def once(item, record: bool) -> None:
         if before is not None:
