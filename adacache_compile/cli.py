@@ -397,6 +397,11 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser, positional=False)
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     parser.add_argument("--no-dynamic", action="store_true", help="export static shapes (the example's)")
+    parser.add_argument(
+        "--single-file",
+        action="store_true",
+        help="one cached.onnx holding an ONNX If of the two programs (default: full.onnx and skip.onnx)",
+    )
 
 
 def _run_export(args) -> int:
@@ -404,8 +409,17 @@ def _run_export(args) -> int:
     from .export import to_onnx
 
     cached = _optimize(args)
-    print(f"exporting full and skip programs to {args.out_dir} ...", file=sys.stderr)
-    to_onnx(cached, args.out_dir, dynamic=not args.no_dynamic, opset=args.opset, example_source=cached.example_source)
+    single_file = getattr(args, "single_file", False)  # build-engines exports two programs
+    what = "one conditional program (cached.onnx)" if single_file else "full and skip programs"
+    print(f"exporting {what} to {args.out_dir} ...", file=sys.stderr)
+    to_onnx(
+        cached,
+        args.out_dir,
+        dynamic=not args.no_dynamic,
+        opset=args.opset,
+        example_source=cached.example_source,
+        single_file=single_file,
+    )
     print(f"wrote {', '.join(sorted(p.name for p in args.out_dir.iterdir()))} in {args.out_dir}")
     return 0
 

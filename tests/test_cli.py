@@ -69,6 +69,23 @@ def test_export_writes_a_loadable_directory(exported, capsys):
     assert float((actual - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
 
 
+def test_export_single_file_writes_one_conditional_program_that_loads(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import adacache_compile
+
+    out_dir = tmp_path / "one"
+    assert main(["export", str(out_dir), "--model", "tiny-dit-tiny", "--config", "fast-30", "--single-file"]) == 0
+    assert {"manifest.json", "cached.onnx"} <= {p.name for p in out_dir.iterdir()}
+    assert not {"full.onnx", "skip.onnx"} & {p.name for p in out_dir.iterdir()}
+    assert json.loads((out_dir / "manifest.json").read_text())["layout"] == "single_file"
+    runtime = adacache_compile.load(out_dir, "onnxruntime")
+    model, inputs = build_model("tiny-dit-tiny")
+    with torch.no_grad():
+        (expected,) = model(**inputs)
+        (actual,) = runtime(**inputs)  # the first call of a generation takes the If's computing branch
+    assert float((actual - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
 def test_build_engines_without_tensorrt_fails_naming_it(exported, capsys):
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are present: build-engines would build")
