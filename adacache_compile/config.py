@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ __all__ = [
     "FORECAST_FORCED_STEPS",
     "FIRST_RATE_TOP",
     "forecast_config",
+    "schedule_config",
+    "even_grid",
 ]
 
 Codebook = tuple[tuple[float, int], ...]
@@ -436,6 +439,29 @@ def forecast_config(codebook: Codebook, forecast_order: int, decision_metric: st
         first_rate=FIRST_RATE_TOP,
         forced_steps=FORECAST_FORCED_STEPS,
     )
+
+
+# The rate of a fixed schedule: after step 1 no rate ever elapses, only the forced steps are computed.
+_NEVER = 10**9
+
+
+def schedule_config(steps: Sequence[int], forecast_order: int = 0) -> AdaCacheConfig:
+    """A fixed schedule: computes exactly ``steps`` (1-based, step 1 among them; a step past a generation's N is
+    ignored) and skips every other step, reusing (order 0) or forecasting the cached delta at ``forecast_order``. For a
+    schedule chosen offline, e.g. by ``benchmarks/schedule_search.py``, or an evenly spaced one (:func:`even_grid`)."""
+    steps = list(steps)
+    if not steps or any(not _is_int(s) or s < 1 for s in steps) or steps != sorted(set(steps)) or steps[0] != 1:
+        raise _fail(
+            "schedule_config(steps)", f"expected increasing 1-based step numbers starting with 1, got {steps!r}"
+        )
+    return forecast_config(((_NEVER, _NEVER),), forecast_order).replace(forced_steps=tuple(steps))
+
+
+def even_grid(count: int, num_steps: int) -> list[int]:
+    """``count`` computed steps spread evenly over 1..N, both ends included (rounded to whole steps)."""
+    if not _is_int(count) or not 2 <= count <= num_steps:
+        raise _fail("even_grid(count)", f"expected an int in 2..{num_steps}, got {count!r}")
+    return sorted({round(1 + (num_steps - 1) * i / (count - 1)) for i in range(count)})
 
 
 # Named presets. Add a step count by adding its "<name>" and "<name>+moreg" entries here.

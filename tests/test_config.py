@@ -261,3 +261,27 @@ def test_first_rate_sets_the_rate_of_the_first_computed_step_only():
 def test_invalid_first_rate_names_the_field(value):
     with pytest.raises(ValueError, match=r"AdaCacheConfig\.first_rate: expected an int >= 1"):
         AdaCacheConfig(codebook=((1.0, 1),), first_rate=value)
+
+
+def test_schedule_config_computes_exactly_its_steps_and_even_grid_spreads_them():
+    from adacache_compile.config import even_grid, schedule_config
+    from adacache_compile.schedule import Schedule, StepMetrics
+
+    steps = [1, 4, 5, 11, 20]
+    for order in (0, 2):
+        config = schedule_config(steps, order)
+        assert config.forecast_order == order
+        schedule = Schedule(config, 20)
+        for step in range(1, 21):
+            if schedule.is_computed(step):
+                schedule.observe(step, StepMetrics(0.9, 1.0, ()))  # a large change: the codebook would say rate 1
+            else:
+                schedule.mark_skipped(step)
+        assert schedule.computed_steps == steps
+    assert even_grid(13, 50) == [1, 5, 9, 13, 17, 21, 26, 30, 34, 38, 42, 46, 50]
+    assert even_grid(2, 50) == [1, 50] and even_grid(50, 50) == list(range(1, 51))
+    for bad in ([], [2, 5], [1, 5, 5], [1, 7, 3], [1, 2.5]):
+        with pytest.raises(ValueError, match="schedule_config"):
+            schedule_config(bad)
+    with pytest.raises(ValueError, match="even_grid"):
+        even_grid(51, 50)
