@@ -180,9 +180,10 @@ def test_forecast_presets_are_taken_from_the_library(monkeypatch):
     assert methods[0].config.forecast_order == 1
 
 
-def _row(method, family, speedup, psnr, computed=None, order=None, bound=None):
+def _row(method, family, speedup, psnr, computed=None, order=None, bound=None, group=None):
     row = {"method": method, "family": family, "speedup": speedup, "psnr": psnr, "computed_steps": computed}
     row["forecast_order"] = order
+    row["group"] = group or (f"static +f{order}" if order else "static") if family == "static" else family
     if bound is not None:
         row["step_bound"] = 50 / computed
         row["speedup_over_bound"] = bound
@@ -200,6 +201,9 @@ def test_targets_compare_forecast_presets_with_the_peers_front_and_static_stride
         _row("static k=3 +f1", "static", 2.0, 34.0, 19.0, 1),
         _row("static k=4 +f1", "static", 2.5, 31.0, 15.0, 1),
         _row("static k=2 +f1", "static", 1.6, 42.0, 27.0, 1),
+        # Evenly spaced fixed schedules: their own comparison, never mixed into the strides'.
+        _row("static even n=11 +f1", "static", 4.1, 31.0, 11.0, 1, group="static even +f1"),
+        _row("static even n=13 +f1", "static", 3.7, 35.0, 13.0, 1, group="static even +f1"),
         # Peers: one hook dominated by a cache-dit point, the front is (26 dB, 4x), (32 dB, 3x), (40 dB, 1.5x).
         _row("TaylorSeer blocks interval=6", "hook", 4.0, 26.0),
         _row("PAB s2/t3/c4", "hook", 1.2, 31.0),
@@ -221,6 +225,11 @@ def test_targets_compare_forecast_presets_with_the_peers_front_and_static_stride
     adaptivity = targets["AdaCache-slow+f1: >= 1 dB over static strides +f1 at equal computed steps"]
     # static +f1 at 20 steps: 34 + (42 - 34) * (20 - 19) / (27 - 19) = 35 dB; 38 - 35 = +3 dB.
     assert "35.00 dB" in adaptivity["measured"] and adaptivity["met"] is True
+    even = targets["AdaCache-fast+f1: >= 1 dB over evenly spaced fixed schedules +f1 at equal computed steps"]
+    # even grids at 12 steps: (31 + 35) / 2 = 33 dB; 30 - 33 = -3 dB.
+    assert "33.00 dB" in even["measured"] and "(-3.00 dB)" in even["measured"] and even["met"] is False
+    even_slow = targets["AdaCache-slow+f1: >= 1 dB over evenly spaced fixed schedules +f1 at equal computed steps"]
+    assert even_slow["met"] is None and "outside the range" in even_slow["measured"]
     cheap = targets["AdaCache-fast+f1: speedup / step bound >= 0.97x that of fast-50"]
     assert "0.700 vs 0.720: 0.972" in cheap["measured"] and cheap["met"] is True
     assert targets["AdaCache-slow+f1: speedup / step bound >= 0.97x that of slow-50"]["met"] is None
@@ -236,7 +245,16 @@ def test_quality_latency_script_parses_its_options():
 
 @pytest.mark.parametrize(
     "name",
-    ["context_parallel", "export_findings", "gpu_check", "ort_speed", "single_file", "skip_cost", "testbed_label_use"],
+    [
+        "context_parallel",
+        "export_findings",
+        "gpu_check",
+        "ort_speed",
+        "schedule_search",
+        "single_file",
+        "skip_cost",
+        "testbed_label_use",
+    ],
 )
 def test_benchmark_scripts_import(name):
     assert callable(importlib.import_module(f"benchmarks.{name}").main)
@@ -276,3 +294,21 @@ def test_gpu_check_cpu_dry_run(tmp_path):
         assert computed[0] == 1 and computed[-1] == 6 and len(computed) <= 6, computed
     assert report["adacache_eager"]["computed_steps"] == report["adacache_cudagraphs"]["computed_steps"]
     assert report["full_eager_ms"] > 0 and report["skip_eager_ms"] > 0
+
+
+@needs_checkpoint
+def test_schedule_search_smoke(tmp_path):
+    from benchmarks.schedule_search import grid, main
+
+    assert grid(3, 10) == [1, 4, 7, 10] and grid(4, 10) == [1, 5, 9, 10]
+    out = tmp_path / "search.json"
+    report = main(
+        ["--steps", "10", "--strides", "3", "--videos", "1", "--passes", "1", "--per-video", "1", "--out", str(out)]
+    )
+    (row,) = report["rows"]
+    assert json.loads(out.read_text()) == report
+    # The search keeps the first and last steps and the number of computed steps, and never scores below its start.
+    assert row["found"][0] == 1 and row["found"][-1] == 10 and len(row["found"]) == len(row["grid"]) == 4
+    assert row["found_calibration"] >= row["grid_calibration"]
+    (item,) = row["per_video"]
+    assert item["found"] >= item["grid"] and len(item["schedule"]) == 4
