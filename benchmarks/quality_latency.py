@@ -93,6 +93,10 @@ CACHE_DIT_WARMUP = 3  # max_warmup_steps: the first 3 steps always compute
 CACHE_DIT_TAYLORSEER_ORDER = 1  # TaylorSeerCalibratorConfig.taylorseer_order (its default)
 # Forecasting static strides: the same one-entry codebooks with each forecast order (ours, AdaCacheConfig.forecast_order).
 STATIC_FORECAST_ORDERS = (1, 2)
+# Evenly spaced schedules of these many computed steps (steps 1 and N included) with the forecast presets' order:
+# static comparators at the forecast presets' compute that integer strides cannot express.
+EVEN_GRID_COUNTS = (11, 12, 13, 14, 20, 21)
+EVEN_GRID_ORDER = 2
 DEFAULT_REPEATS = 3
 # cache-dit settings that do not apply to Latte as the testbed runs it (the measured one is in cache_dit_candidates).
 CACHE_DIT_NOT_APPLICABLE = {
@@ -486,6 +490,23 @@ def static_methods(strides=STATIC_STRIDES, forecast_orders=(0,)) -> list[BenchMe
     return methods
 
 
+def even_grid_methods(num_steps: int, counts=EVEN_GRID_COUNTS, order: int = EVEN_GRID_ORDER) -> list[BenchMethod]:
+    """Fixed schedules of ``count`` computed steps spread evenly over 1..N (``config.even_grid``), forecasting at
+    ``order``: labelled ``static even n=13 +f2``."""
+    from adacache_compile.config import even_grid, schedule_config
+
+    return [
+        BenchMethod(
+            f"static even n={count} +f{order}",
+            schedule_config(even_grid(count, num_steps), order),
+            family="static",
+            group=f"static even +f{order}",
+        )
+        for count in counts
+        if count <= num_steps
+    ]
+
+
 def hook_methods() -> list[BenchMethod]:
     """The diffusers hooks that apply to Latte, each at a sweep of its main knob."""
     from diffusers.hooks import FasterCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
@@ -611,6 +632,7 @@ def default_methods(num_steps: int, repeats: int = DEFAULT_REPEATS) -> list[Benc
         *adacache_methods(num_steps, repeats),
         *(forecast_methods(num_steps, repeats) if forecasting else []),
         *static_methods(forecast_orders=(0, *STATIC_FORECAST_ORDERS) if forecasting else (0,)),
+        *(even_grid_methods(num_steps) if forecasting else []),
         *hook_methods(),
         *cache_dit_methods(),
     ]
@@ -902,12 +924,14 @@ def _peer_target(name: str, row: dict, front: list[dict], suffix: str = "") -> d
     }
 
 
-def _static_target(name: str, row: dict, static: list[tuple[float, float]], order: int, margin: float) -> dict:
-    label = "static strides" if order == 0 else f"static strides +f{order}"
+def _static_target(
+    name: str, row: dict, static: list[tuple[float, float]], order: int, margin: float, kind: str = "static strides"
+) -> dict:
+    label = kind if order == 0 else f"{kind} +f{order}"
     static_psnr = _interpolate(static, row["computed_steps"])
     goal = "beats" if margin == 0 else f">= {margin:g} dB over"
     if static_psnr is None:
-        measured, met = f"{row['computed_steps']:.1f} steps lies outside the strides' range", None
+        measured, met = f"{row['computed_steps']:.1f} steps lies outside the range of the {label}", None
     else:
         gain = row["psnr"] - static_psnr
         measured = f"{row['psnr']:.2f} dB vs {label} {static_psnr:.2f} dB at {row['computed_steps']:.1f} steps ({gain:+.2f} dB)"
@@ -922,12 +946,9 @@ def _targets(rows: list[dict], num_steps: int) -> list[dict]:
     forecast = {k: r for k, r in adacache.items() if r.get("forecast_order")}
     front = _pareto_front([r for r in rows if r["family"] in PEER_FAMILIES])
 
-    def static(order):
-        return [
-            (r["computed_steps"], r["psnr"])
-            for r in rows
-            if r["family"] == "static" and (r.get("forecast_order") or 0) == order
-        ]
+    def static(order, even=False):
+        group = (f"static even +f{order}" if even else f"static +f{order}") if order else "static"
+        return [(r["computed_steps"], r["psnr"]) for r in rows if r["family"] == "static" and r["group"] == group]
 
     targets = []
     for name, speed, quality in (("AdaCache-fast", 3.0, 25.0), ("AdaCache-slow", 1.8, 30.0)):
@@ -967,6 +988,13 @@ def _targets(rows: list[dict], num_steps: int) -> list[dict]:
     for name, row in forecast.items():
         order = row["forecast_order"]
         targets.append(_static_target(name, row, static(order), order, ADAPTIVITY_MARGIN_DB))
+        # ... and against evenly spaced fixed schedules of about the same compute (not in the issue's wording: a
+        # stride grid wastes a step at the end, 49 and 50 at k = 4, which an even spread does not).
+        even = static(order, even=True)
+        if even:
+            targets.append(
+                _static_target(name, row, even, order, ADAPTIVITY_MARGIN_DB, kind="evenly spaced fixed schedules")
+            )
     # The skip step stays cheap: speedup / step bound of a forecast preset vs its order-0 preset.
     by_preset = {_preset_of(r): r for r in order0.values()}
     for name, row in forecast.items():
@@ -1082,6 +1110,8 @@ def plot_pareto(results: dict, path: Path) -> Path:
             order = members[0].get("forecast_order") or 0
             alpha = (1.0, 0.75, 0.5)[min(order, 2)]
             linestyle = ("-", "--", "-.")[min(order, 2)]
+            if group.startswith("static even"):
+                colour, marker, linestyle = "black", "x", ":"
             ax.plot(xs, ys, color=colour, marker=marker, alpha=alpha, linestyle=linestyle, label=group, zorder=4)
         for r in members:
             ax.annotate(
