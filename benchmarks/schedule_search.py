@@ -13,7 +13,7 @@ as the forced steps, no rate ever elapsing after step 1).
 
 Usage: python benchmarks/schedule_search.py [--strides 4 5] [--order 2] [--passes 2] [--per-video 4]
        [--out benchmarks/results/schedule_search.json]
-Takes about 6 minutes per stride and 3 per searched video on 1 thread (50 steps); nothing is timed.
+With the defaults above it took 40 minutes on 1 thread (50 steps, alongside other work); nothing is timed.
 """
 
 from __future__ import annotations
