@@ -409,8 +409,7 @@ def _run_export(args) -> int:
     from .export import to_onnx
 
     cached = _optimize(args)
-    single_file = getattr(args, "single_file", False)  # build-engines exports two programs
-    what = "one conditional program (cached.onnx)" if single_file else "full and skip programs"
+    what = "one conditional program (cached.onnx)" if args.single_file else "full and skip programs"
     print(f"exporting {what} to {args.out_dir} ...", file=sys.stderr)
     to_onnx(
         cached,
@@ -418,7 +417,7 @@ def _run_export(args) -> int:
         dynamic=not args.no_dynamic,
         opset=args.opset,
         example_source=cached.example_source,
-        single_file=single_file,
+        single_file=args.single_file,
     )
     print(f"wrote {', '.join(sorted(p.name for p in args.out_dir.iterdir()))} in {args.out_dir}")
     return 0
@@ -465,6 +464,7 @@ def _add_build_engines_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset of the export (with MODEL_SPEC)")
     parser.add_argument("--no-dynamic", action="store_true", help="export static shapes (with MODEL_SPEC)")
     parser.add_argument("--precision", type=_precision, default="fp16", help="fp32, fp16 (default) or bf16")
+    parser.set_defaults(single_file=False)  # engines are built from the two programs (MODEL_SPEC exports them)
     parser.add_argument("--timing-cache", type=Path, default=None, help="default: OUT_DIR/timing.cache")
     for bound in ("min", "opt", "max"):
         parser.add_argument(

@@ -474,6 +474,12 @@ def forecast_methods(num_steps: int, repeats: int = DEFAULT_REPEATS) -> list[Ben
     return methods
 
 
+def static_group(order: int, even: bool = False) -> str:
+    """The plot series and comparator of a fixed schedule: ``static`` (order 0), ``static +f2``, ``static even +f2``."""
+    kind = "static even" if even else "static"
+    return f"{kind} +f{order}" if order else kind
+
+
 def static_methods(strides=STATIC_STRIDES, forecast_orders=(0,)) -> list[BenchMethod]:
     """Compute every k-th step (plus the forced steps) through our own programs: a one-entry codebook; with a
     forecast order > 0 the skip steps forecast the cached delta at that order (labelled ``static k=2 +f1``)."""
@@ -481,7 +487,7 @@ def static_methods(strides=STATIC_STRIDES, forecast_orders=(0,)) -> list[BenchMe
 
     methods = []
     for order in forecast_orders:
-        suffix, group = (f" +f{order}", f"static +f{order}") if order else ("", "static")
+        suffix, group = (f" +f{order}" if order else ""), static_group(order)
         for k in strides:
             # Each order with the start and forced steps of its presets: the reference's at order 0, the forecast
             # presets' regular grid (1, 1 + k, ..., N) otherwise, so that "adaptivity pays" compares like with like.
@@ -500,7 +506,7 @@ def even_grid_methods(num_steps: int, counts=EVEN_GRID_COUNTS, order: int = EVEN
             f"static even n={count} +f{order}",
             schedule_config(even_grid(count, num_steps), order),
             family="static",
-            group=f"static even +f{order}",
+            group=static_group(order, even=True),
         )
         for count in counts
         if count <= num_steps
@@ -947,7 +953,7 @@ def _targets(rows: list[dict], num_steps: int) -> list[dict]:
     front = _pareto_front([r for r in rows if r["family"] in PEER_FAMILIES])
 
     def static(order, even=False):
-        group = (f"static even +f{order}" if even else f"static +f{order}") if order else "static"
+        group = static_group(order, even)
         return [(r["computed_steps"], r["psnr"]) for r in rows if r["family"] == "static" and r["group"] == group]
 
     targets = []
@@ -1110,7 +1116,7 @@ def plot_pareto(results: dict, path: Path) -> Path:
             order = members[0].get("forecast_order") or 0
             alpha = (1.0, 0.75, 0.5)[min(order, 2)]
             linestyle = ("-", "--", "-.")[min(order, 2)]
-            if group.startswith("static even"):
+            if group == static_group(order, even=True):
                 colour, marker, linestyle = "black", "x", ":"
             ax.plot(xs, ys, color=colour, marker=marker, alpha=alpha, linestyle=linestyle, label=group, zorder=4)
         for r in members:

@@ -45,29 +45,32 @@ def grid(stride: int, num_steps: int) -> list[int]:
 
 
 class Scorer:
-    """Mean PSNR (dB) of a schedule on a set of videos, through one cached transformer."""
+    """Mean PSNR (dB) of a schedule on the videos of a :class:`TestbedEvaluator`."""
 
-    def __init__(self, testbed, videos, num_steps: int, order: int, cached=None):
+    def __init__(self, evaluator: TestbedEvaluator, order: int):
+        self.evaluator, self.order = evaluator, order
+
+    @classmethod
+    def on(cls, testbed, videos, num_steps: int, order: int, cached) -> Scorer:
+        """A scorer of ``videos`` against their uncached runs, through ``cached``."""
         references = [
             sample(testbed.transformer, testbed, [v[:2]], [v[2]], num_steps=num_steps, progress=False) for v in videos
         ]
-        self.evaluator = TestbedEvaluator(testbed, videos, references, num_steps, cached=cached)
-        self.num_steps, self.order = num_steps, order
+        return cls(TestbedEvaluator(testbed, videos, references, num_steps, cached=cached), order)
 
     def for_videos(self, indices: list[int]) -> Scorer:
         """A scorer of a subset of the videos, sharing the references and the cached transformer."""
-        sub = object.__new__(Scorer)
         e = self.evaluator
-        sub.evaluator = TestbedEvaluator(
+        subset = TestbedEvaluator(
             e.testbed, [e.videos[i] for i in indices], [e.references[i] for i in indices], e.num_steps, cached=e.cached
         )
-        sub.num_steps, sub.order = self.num_steps, self.order
-        return sub
+        return Scorer(subset, self.order)
 
     def __call__(self, steps: list[int]) -> float:
+        num_steps = self.evaluator.num_steps
         error, fraction, _ = self.evaluator(schedule_config(steps, self.order))
-        if round(fraction * self.num_steps) != len(steps):
-            raise RuntimeError(f"schedule_search: {steps} computed {fraction * self.num_steps:.2f} steps")
+        if round(fraction * num_steps) != len(steps):
+            raise RuntimeError(f"schedule_search: {steps} computed {fraction * num_steps:.2f} steps")
         return -error
 
 
@@ -110,8 +113,8 @@ def main(argv=None) -> dict:
     pick = (lambda videos: _spread(list(videos), args.videos)) if args.videos else list
     # One cached transformer (one capture) serves both sets.
     cached = optimize(testbed.transformer, schedule_config(grid(args.strides[0], args.steps), args.order))
-    search = Scorer(testbed, pick(VIDEO_SETS[search_set]), args.steps, args.order, cached=cached)
-    scoring = Scorer(testbed, pick(VIDEO_SETS[score_set]), args.steps, args.order, cached=cached)
+    search = Scorer.on(testbed, pick(VIDEO_SETS[search_set]), args.steps, args.order, cached)
+    scoring = Scorer.on(testbed, pick(VIDEO_SETS[score_set]), args.steps, args.order, cached)
     report = {"num_steps": args.steps, "order": args.order, "search_on": search_set, "score_on": score_set, "rows": []}
     for stride in args.strides:
         start = grid(stride, args.steps)
