@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,9 @@ from .config import AdaCacheConfig
 from .errors import AdaCacheError, InputMismatchError
 from .parallel import context_parallel_of
 from .passes import run_passes
-from .plan import CachePlan, Programs, SingleProgram
+from .plan import CachePlan
+from .programs import Programs, SingleProgram
+from .step import next_serial
 
 __all__ = ["CompiledEntry", "CaptureCache", "model_state", "programs_serve", "MAX_CAPTURES", "BACKENDS"]
 
@@ -35,16 +37,27 @@ BACKENDS = ("eager", "inductor")
 
 @dataclass
 class CompiledEntry:
-    """One capture: its plan, its programs and the callables that run them on the chosen backend."""
+    """One capture: its plan, its programs and the callables that run them on the chosen backend (the step's
+    contract, :class:`~adacache_compile.step.StepPrograms`)."""
 
     captured: Captured
     plan: CachePlan
     run_full: Any
     run_skip: Any
+    serial: int = field(default_factory=next_serial)
 
     @property
     def programs(self) -> Programs:
         return self.plan.programs
+
+    @property
+    def config(self) -> AdaCacheConfig:
+        """The config the programs were built for."""
+        return self.plan.config
+
+    @property
+    def region_fraction(self) -> float:
+        return len(self.plan.region_blocks) / max(1, len(self.plan.all_blocks))
 
 
 class CaptureCache:
@@ -279,8 +292,7 @@ def programs_serve(entries: list[CompiledEntry], config: AdaCacheConfig) -> bool
     new programs."""
     strides = tuple(config.moreg.strides) if config.moreg is not None else ()
     return all(
-        (entry.plan.config.region, entry.plan.config.tap, entry.plan.config.norm_ord)
-        == (config.region, config.tap, config.norm_ord)
+        (entry.config.region, entry.config.tap, entry.config.norm_ord) == (config.region, config.tap, config.norm_ord)
         and entry.programs.forecast_order == config.forecast_order
         and (not strides or entry.programs.moreg_strides == strides)
         for entry in entries

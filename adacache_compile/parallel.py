@@ -77,7 +77,7 @@ def context_parallel_of(model: torch.nn.Module | None) -> ContextParallel | None
 
 def reduce_metrics(metrics: torch.Tensor, cp: ContextParallel | None, norm_ord: int) -> torch.Tensor:
     """The global metrics vector of a CP group from each rank's (layout:
-    :class:`~adacache_compile.plan.MetricValues`): one all-reduce (sum) of ``[non-finite count, ||r_prev - r||_p^p,
+    :class:`~adacache_compile.programs.MetricValues`): one all-reduce (sum) of ``[non-finite count, ||r_prev - r||_p^p,
     ||r_prev||_p^p, ||r||_p^p]`` over ``cp.group``, then the norms rebuilt; ``metrics`` itself is left untouched.
     Without ``cp`` the vector is returned as it is. A CP program emits no motion terms (see :data:`MOREG_UNDER_CP`).
     """

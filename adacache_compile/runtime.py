@@ -2,7 +2,7 @@
 
 :class:`ProgramRuntime` is what every runtime shares: a capture source (which capture serves a call), the
 :class:`~adacache_compile.sessions.Sessions` (which generation and step a call is) and
-:func:`~adacache_compile.sessions.run_step`. :class:`CachedTransformer` runs a torch model through a
+:func:`~adacache_compile.step.run_step`. :class:`CachedTransformer` runs a torch model through a
 :class:`~adacache_compile.capture_cache.CaptureCache`; the exported runtime
 (:class:`~adacache_compile.export.runtime.ExportedTransformer`) runs one fixed, exported capture.
 """
@@ -17,8 +17,10 @@ import torch
 from .capture_cache import CaptureCache, CompiledEntry
 from .config import AdaCacheConfig
 from .errors import AdaCacheError
-from .plan import CachePlan, Programs
-from .sessions import UNKNOWN_NUM_STEPS, Session, Sessions, run_step
+from .plan import CachePlan
+from .programs import Programs
+from .sessions import UNKNOWN_NUM_STEPS, Session, Sessions
+from .step import run_step
 
 __all__ = ["CachedTransformer", "ProgramRuntime", "Session", "CompiledEntry", "optimize", "UNKNOWN_NUM_STEPS"]
 
@@ -70,7 +72,15 @@ class ProgramRuntime(torch.nn.Module):
 
     @property
     def plan(self) -> CachePlan:
-        return self._captures.latest().plan
+        """The passes' records of the newest capture (a torch runtime only: an exported runtime carries its
+        programs' contract, :attr:`programs`, and its plan's description, ``describe()``)."""
+        entry = self._captures.latest()
+        if not hasattr(entry, "plan"):
+            raise AdaCacheError(
+                f"{type(self).__name__} has no CachePlan: the passes ran on the model it was exported from; read "
+                "`.programs` for the programs' contract or `.describe()` for the plan as it was printed at export"
+            )
+        return entry.plan
 
     @property
     def programs(self) -> Programs:

@@ -10,8 +10,7 @@ cached deltas and tap. :class:`Sessions` routes each call to one, in this order 
    ``optimize(num_steps=...)`` or unknown (:data:`UNKNOWN_NUM_STEPS`: the forced last steps N-1 and N are never
    reached, and a MoReg window given as fractions of N cannot be placed, so MoReg is off, with a warning).
 
-:func:`run_step` runs one step of a session on one capture: the skip program with the cached deltas, or the full
-program, whose metrics the schedule reads (the one host read of a computed step).
+:func:`~adacache_compile.step.run_step` runs one step of a session.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ from typing import Any
 import torch
 
 from .config import AdaCacheConfig
-from .forecast import extrapolation_weights, forecast
-from .schedule import Schedule, StepMetrics
+from .schedule import Schedule
 
-__all__ = ["Session", "Sessions", "run_step", "UNKNOWN_NUM_STEPS"]
+__all__ = ["Session", "Sessions", "UNKNOWN_NUM_STEPS"]
 
 logger = logging.getLogger(__name__)
 
@@ -261,66 +259,3 @@ class Sessions:
         with self._lock:
             live = {name: s.stats() for name, s in self._live.items()}
             return {**live, "history": [{"branch": name, **st} for name, st in self._history]}
-
-
-def run_step(session: Session, entry, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """One denoising step of ``session`` on ``entry`` (a :class:`~adacache_compile.capture_cache.CompiledEntry`):
-    the flat outputs of the skip or the full program."""
-    session.step += 1
-    step = session.step
-    key = (id(entry), tuple(tuple(t.shape) for t in inputs), tuple(t.device for t in inputs))
-    sched = session.schedule
-    plan = entry.plan
-    programs = entry.programs
-    order = programs.forecast_order
-    session.region_fraction = len(plan.region_blocks) / max(1, len(plan.all_blocks))
-    if session.deltas is not None and session.input_key != key:
-        session.events.append(f"step {step}: input signature changed mid-generation; computing in full")
-        logger.warning("session %r step %d: input signature changed; recomputing", session.name, step)
-        session.clear_cache()
-    if session.deltas is not None and not session.force_next and not sched.is_computed(step):
-        sched.mark_skipped(step)
-        history = session.delta_history
-        weights = extrapolation_weights([s for s, _ in history], step, order + 1) if order else None
-        cached = programs.skip_cached_inputs([deltas for _, deltas in history], weights)
-        return tuple(entry.run_skip(*inputs, *cached))
-    forecast_metric = sched.config.decision_metric == "forecast"
-    had_tap = session.tap_value is not None
-    if not had_tap:
-        tap_prev = programs.zero_tap(inputs)
-    elif forecast_metric:
-        taps = session.tap_history
-        tap_prev = forecast([t for _, t in taps], extrapolation_weights([s for s, _ in taps], step, len(taps)))
-    else:
-        tap_prev = session.tap_value
-    result = programs.decode_full(entry.run_full(*inputs, tap_prev))
-    values = result.metric_values()  # the one host read of a computed step
-    session.force_next = False
-    # The forecast metric is relative to the tap it forecast (||r - r_hat|| / ||r||), the reference's to r_prev.
-    denominator = values.tap_norm if forecast_metric else values.prev_norm
-    if not values.finite:
-        nan = float("nan")
-        record = sched.observe(step, StepMetrics(nan, nan, values.motion) if had_tap else None)
-        _nonfinite(session, step, "a delta or the tap holds NaN/Inf", warn=not record.nonfinite)
-        return result.outputs
-    metrics = StepMetrics(values.diff_norm, denominator, values.motion) if had_tap else None
-    if sched.observe(step, metrics).nonfinite:
-        _nonfinite(session, step, "the metric is NaN/Inf", warn=False)
-        return result.outputs
-    if step >= session.num_steps:
-        session.clear_cache()  # the generation is over; free its buffers
-        return result.outputs
-    session.delta_history = [(step, result.deltas), *session.delta_history][: order + 1]
-    session.tap_history = [(step, result.tap), *session.tap_history][: order + 1 if forecast_metric else 1]
-    session.input_key = key
-    return result.outputs
-
-
-def _nonfinite(session: Session, step: int, why: str, *, warn: bool) -> None:
-    """Drop the cache and force the next step; ``warn=False`` where the schedule has already warned."""
-    if warn and not session.nonfinite_steps:
-        logger.warning("session %r step %d: %s; this and the next step are computed in full", session.name, step, why)
-    session.nonfinite_steps.append(step)
-    session.events.append(f"step {step}: {why}; cache dropped")
-    session.clear_cache()
-    session.force_next = True

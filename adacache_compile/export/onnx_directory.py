@@ -23,7 +23,7 @@ from ..errors import ArtifactError, UnsupportedModelError
 from ..forecast import extrapolation_weights
 from ..parallel import context_parallel_of
 from ..passes.insert_cond import build_cond_program
-from ..plan import COMPUTE, FORECAST_WEIGHTS, FullResult
+from ..programs import COMPUTE, FORECAST_WEIGHTS, FullResult
 from . import onnx_export, ort_backend
 from .axes import Axes, safe_name
 from .fingerprint import stamp_fingerprint

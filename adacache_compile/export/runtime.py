@@ -18,13 +18,14 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..capture import CallSignature, Captured, InputSpec
-from ..capture_cache import CompiledEntry, programs_serve
+from ..capture_cache import programs_serve
 from ..config import AdaCacheConfig
 from ..errors import ArtifactError, InputMismatchError
-from ..plan import Block, CachePlan, MoRegLayout, Programs, SingleProgram
+from ..programs import Programs, SingleProgram
 from ..runtime import ProgramRuntime
+from ..step import next_serial
 
-__all__ = ["ExportedCall", "ExportedCapture", "ExportedTransformer"]
+__all__ = ["ExportedCall", "ExportedEntry", "ExportedCapture", "ExportedTransformer"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,25 +87,39 @@ class _AttributeDict(dict):
             raise AttributeError(name) from None
 
 
+@dataclass
+class ExportedEntry:
+    """The exported capture: the call it takes and the step's contract
+    (:class:`~adacache_compile.step.StepPrograms`) over the exported programs."""
+
+    captured: ExportedCall
+    programs: Programs
+    run_full: Any
+    run_skip: Any
+    config: AdaCacheConfig  # the config the programs were exported with
+    region_fraction: float
+    serial: int = field(default_factory=next_serial)
+
+
 class ExportedCapture:
     """The capture source of an exported runtime: one fixed capture, no re-capture, no source model to fall back
     to (see :mod:`adacache_compile.capture_cache` for the methods a runtime reads)."""
 
-    def __init__(self, entry: CompiledEntry, source: Path):
+    def __init__(self, entry: ExportedEntry, source: Path):
         self.entry = entry
         self.source = source
         self.entries = [entry]
 
-    def latest(self) -> CompiledEntry:
+    def latest(self) -> ExportedEntry:
         return self.entry
 
-    def lookup(self, args, kwargs, config) -> tuple[CompiledEntry, list[torch.Tensor]]:
+    def lookup(self, args, kwargs, config) -> tuple[ExportedEntry, list[torch.Tensor]]:
         # flatten() raises InputMismatchError naming the input for a call the exported profile cannot serve.
         return self.entry, self.entry.captured.flatten(args, kwargs)
 
     def accept(self, config) -> None:
         if not programs_serve(self.entries, config):
-            exported = self.entry.plan.config
+            exported = self.entry.config
             raise ArtifactError(
                 f"{self.source}: the exported programs were built for region={exported.region}, tap={exported.tap!r}, "
                 f"norm_ord={exported.norm_ord}, MoReg strides {list(self.entry.programs.moreg_strides)}, "
@@ -156,7 +171,7 @@ class ExportedTransformer(ProgramRuntime):
         return self._captures.entry.captured.input_specs[0].device
 
 
-def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> CompiledEntry:
+def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> ExportedEntry:
     from .axes import TapShape
     from .manifest import SINGLE_FILE
     from .signature import forward_signature_from
@@ -195,39 +210,26 @@ def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> Compi
             axes=axes,
             profile_ranges=dict(manifest.profile_ranges),
         )
-        blocks = [_block(name) for name in runtime["blocks"]]
-        region = set(runtime["region"])
-        layout = dict(manifest.moreg_layout)
-        plan = CachePlan(
-            model=None,
-            config=AdaCacheConfig.from_dict(manifest.config),
-            input_names=list(runtime["input_names"]),
-            all_blocks=blocks,
-            region_blocks=[b for b in blocks if b.name in region],
-            moreg_layout=MoRegLayout(**{**layout, "view": tuple(layout["view"])}) if layout else None,
-            programs=Programs(
-                full=programs.get("full"),
-                skip=programs.get("skip"),
-                tap_shape=TapShape(runtime["tap_shape"]),
-                tap_dtype=_dtype(runtime["tap_dtype"], where),
-                moreg_strides=tuple(runtime["moreg_strides"]),
-                num_outputs=int(runtime["num_outputs"]),
-                delta_names=list(runtime["delta_names"]),
-                forecast_order=AdaCacheConfig.from_dict(manifest.config).forecast_order,
-                # Written from format version 3 on; only the single-file layout needs them (zero stand-ins).
-                delta_shapes=[TapShape(formula) for formula in runtime.get("delta_shapes", [])],
-                delta_dtypes=[_dtype(t.dtype, where) for t in delta_outputs],
-                cond=programs.get("cached"),
-            ),
+        config = AdaCacheConfig.from_dict(manifest.config)
+        contract = Programs(
+            full=programs.get("full"),
+            skip=programs.get("skip"),
+            tap_shape=TapShape(runtime["tap_shape"]),
+            tap_dtype=_dtype(runtime["tap_dtype"], where),
+            moreg_strides=tuple(runtime["moreg_strides"]),
+            num_outputs=int(runtime["num_outputs"]),
+            delta_names=list(runtime["delta_names"]),
+            forecast_order=config.forecast_order,
+            # Written from format version 3 on; only the single-file layout needs them (zero stand-ins).
+            delta_shapes=[TapShape(formula) for formula in runtime.get("delta_shapes", [])],
+            delta_dtypes=[_dtype(t.dtype, where) for t in delta_outputs],
+            cond=programs.get("cached"),
         )
+        region_fraction = len(runtime["region"]) / max(1, len(runtime["blocks"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{where}: malformed runtime section: {type(e).__name__}: {e}") from e
-    if plan.programs.cond is not None:
-        single = SingleProgram(plan.programs, plan.programs.cond)
-        plan.programs.full, plan.programs.skip = single.full, single.skip
-    return CompiledEntry(captured, plan, plan.programs.full, plan.programs.skip)
-
-
-def _block(name: str) -> Block:
-    stack, _, index = name.rpartition(".")
-    return Block(name=name, stack=stack, index=int(index) if index.isdigit() else 0, module_type="")
+    run_full, run_skip = contract.full, contract.skip
+    if contract.cond is not None:
+        single = SingleProgram(contract, contract.cond)
+        run_full, run_skip = single.full, single.skip
+    return ExportedEntry(captured, contract, run_full, run_skip, config, region_fraction)

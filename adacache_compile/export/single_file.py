@@ -4,7 +4,7 @@ In the exported ``cached.onnx`` the else branch (the skip program) returns the n
 as the ``If``'s delta and tap outputs, because both branches of an ``If`` produce the same outputs. An ``If`` output
 cannot alias an outer-scope input, so onnxruntime copies those tensors on every skipped step (and the caller fetches
 them), although the runtime never reads them: on a skipped step it keeps its own cached values
-(:meth:`~adacache_compile.plan.SingleProgram.skip` returns the model outputs only). :func:`drop_skip_passthrough`
+(:meth:`~adacache_compile.programs.SingleProgram.skip` returns the model outputs only). :func:`drop_skip_passthrough`
 rewrites the file so that the else branch returns empty tensors there instead:
 
 - each passed-through else-branch output becomes a constant 1-D tensor of zero elements (same dtype and rank as the

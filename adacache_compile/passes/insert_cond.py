@@ -5,7 +5,7 @@ cond(*inputs, compute, *cached, tap_prev) -> (*outputs, *deltas, tap, metrics)
     full program (it ignores ``cached``); the false branch is the skip program (it ignores ``tap_prev``), and passes
     the newest cached deltas and ``tap_prev`` through and returns zero metrics, which the schedule never reads on a
     skipped step. ``cached`` is the skip program's: one delta per stream, or the forecast slots and
-    ``forecast_weights`` (:meth:`~adacache_compile.plan.Programs.skip_cached_inputs`).
+    ``forecast_weights`` (:meth:`~adacache_compile.programs.Programs.skip_cached_inputs`).
 
 The branches are wrappers that call the already split (and copy-elided) ``full`` and ``skip`` GraphModules with
 their own signatures, so nothing is rebuilt. Each branch returns its values flattened to 1-D and the conditional
@@ -29,7 +29,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import PassError
-from ..plan import COMPUTE, CachePlan, PassResult, Programs, metrics_length
+from ..plan import CachePlan, PassResult
+from ..programs import COMPUTE, Programs, metrics_length
 from ._utils import SymbolTable, clean_up_graph
 
 __all__ = ["insert_cond", "build_cond_program"]

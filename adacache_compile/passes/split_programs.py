@@ -21,7 +21,8 @@ import torch.fx as fx
 
 from ..errors import PassError
 from ..forecast import LOW_PRECISION, weights_dtype
-from ..plan import FORECAST_WEIGHTS, CachePlan, PassResult, Programs, Stream, pack_metrics
+from ..plan import CachePlan, PassResult, Stream
+from ..programs import FORECAST_WEIGHTS, Programs, pack_metrics
 from ._utils import SymbolTable, clean_up_graph
 
 __all__ = ["split_programs", "adacache_metrics"]
@@ -40,7 +41,7 @@ def adacache_metrics(
     frame_axis: int,
     strides: tuple[int, ...],
 ) -> torch.Tensor:
-    """One float32 vector the host reads once per computed step (layout: :class:`~adacache_compile.plan.MetricValues`):
+    """One float32 vector the host reads once per computed step (layout: :class:`~adacache_compile.programs.MetricValues`):
     ``[all deltas and tap finite (1/0), ||r_prev - r||_p, ||r_prev||_p, ||r||_p, (motion num, den) per MoReg stride]``."""
     r = tap.float()
     r_prev = tap_prev.float()

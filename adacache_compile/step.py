@@ -1,0 +1,114 @@
+"""One denoising step: the skip program with the cached deltas, or the full program, whose metrics the schedule reads
+(the one host read of a computed step).
+
+The step sees programs through a narrow contract (:class:`StepPrograms`): run full, run skip, the programs' roles and
+shapes (:class:`~adacache_compile.programs.Programs`), the share of the blocks the cached region holds, and a serial
+number naming the capture. A torch capture (:class:`~adacache_compile.capture_cache.CompiledEntry`) and an exported
+one (:class:`~adacache_compile.export.runtime.ExportedEntry`) both provide it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Protocol
+
+import torch
+
+from .forecast import extrapolation_weights, forecast
+from .parallel import reduce_metrics
+from .programs import MetricValues, Programs
+from .schedule import StepMetrics
+from .sessions import Session
+
+__all__ = ["StepPrograms", "run_step", "read_metrics", "next_serial"]
+
+logger = logging.getLogger(__name__)
+
+_serials = itertools.count(1)
+
+
+def next_serial() -> int:
+    """A number no other capture of this process has: what a session's cache is keyed by (``id()`` of a freed
+    capture can come back for a new one)."""
+    return next(_serials)
+
+
+class StepPrograms(Protocol):
+    """What a step needs of a capture."""
+
+    programs: Programs
+    serial: int
+    region_fraction: float  # share of the model's blocks that the cached region holds (stats)
+
+    def run_full(self, *args: torch.Tensor): ...
+
+    def run_skip(self, *args: torch.Tensor): ...
+
+
+def read_metrics(metrics: torch.Tensor, programs: Programs) -> MetricValues:
+    """The host's reading of a full program's metrics vector; on a context-parallel model the global values, summed
+    over the CP group first (one all-reduce, :func:`~adacache_compile.parallel.reduce_metrics`), so every rank reads
+    the same."""
+    return MetricValues.from_vector(reduce_metrics(metrics, programs.context_parallel, programs.norm_ord))
+
+
+def run_step(session: Session, entry: StepPrograms, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """One denoising step of ``session`` on ``entry``: the flat outputs of the skip or the full program."""
+    session.step += 1
+    step = session.step
+    key = (entry.serial, *((tuple(t.shape), t.dtype, t.device) for t in inputs))
+    sched = session.schedule
+    programs = entry.programs
+    order = programs.forecast_order
+    session.region_fraction = entry.region_fraction
+    if session.deltas is not None and session.input_key != key:
+        session.events.append(f"step {step}: input signature changed mid-generation; computing in full")
+        logger.warning("session %r step %d: input signature changed; recomputing", session.name, step)
+        session.clear_cache()
+    if session.deltas is not None and not session.force_next and not sched.is_computed(step):
+        sched.mark_skipped(step)
+        history = session.delta_history
+        weights = extrapolation_weights([s for s, _ in history], step, order + 1) if order else None
+        cached = programs.skip_cached_inputs([deltas for _, deltas in history], weights)
+        return tuple(entry.run_skip(*inputs, *cached))
+    forecast_metric = sched.config.decision_metric == "forecast"
+    had_tap = session.tap_value is not None
+    if not had_tap:
+        tap_prev = programs.zero_tap(inputs)
+    elif forecast_metric:
+        taps = session.tap_history
+        tap_prev = forecast([t for _, t in taps], extrapolation_weights([s for s, _ in taps], step, len(taps)))
+    else:
+        tap_prev = session.tap_value
+    result = programs.decode_full(entry.run_full(*inputs, tap_prev))
+    values = read_metrics(result.metrics, programs)  # the one host read of a computed step
+    session.force_next = False
+    # The forecast metric is relative to the tap it forecast (||r - r_hat|| / ||r||), the reference's to r_prev.
+    denominator = values.tap_norm if forecast_metric else values.prev_norm
+    if not values.finite:
+        nan = float("nan")
+        record = sched.observe(step, StepMetrics(nan, nan, values.motion) if had_tap else None)
+        _nonfinite(session, step, "a delta or the tap holds NaN/Inf", warn=not record.nonfinite)
+        return result.outputs
+    metrics = StepMetrics(values.diff_norm, denominator, values.motion) if had_tap else None
+    if sched.observe(step, metrics).nonfinite:
+        _nonfinite(session, step, "the metric is NaN/Inf", warn=False)
+        return result.outputs
+    if step >= session.num_steps:
+        session.clear_cache()  # the generation is over; free its buffers
+        return result.outputs
+    session.delta_history = [(step, result.deltas), *session.delta_history][: order + 1]
+    session.tap_history = [(step, result.tap), *session.tap_history][: order + 1 if forecast_metric else 1]
+    session.input_key = key
+    return result.outputs
+
+
+def _nonfinite(session: Session, step: int, why: str, *, warn: bool) -> None:
+    """Drop the cache and force the next step; ``warn=False`` where the schedule has already warned."""
+    if warn and not session.nonfinite_steps:
+        logger.warning("session %r step %d: %s; this and the next step are computed in full", session.name, step, why)
+    session.nonfinite_steps.append(step)
+    session.events.append(f"step {step}: {why}; cache dropped")
+    session.clear_cache()
+    session.force_next = True
