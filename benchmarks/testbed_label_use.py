@@ -14,7 +14,6 @@ import argparse
 import torch
 
 from adacache_compile.testbed import HELD_OUT_SEED_BASE, load_testbed, make_batch
-from adacache_compile.testbed.train import _alphas_cumprod, noised
 
 TIMESTEPS = (100, 200, 300, 400, 500, 600, 700, 800, 900)
 
@@ -35,11 +34,12 @@ def main() -> None:
     noise = torch.randn(videos.shape, generator=generator)
     num_shapes = testbed.cond.config.num_shapes
     wrong = (shapes + 1 + torch.randint(0, num_shapes - 1, shapes.shape, generator=generator)) % num_shapes
-    alphas_cumprod = _alphas_cumprod()
+    family = testbed.family
 
     def x0_error(t: int, labels: torch.Tensor) -> float:
         timesteps = torch.full((len(videos),), t)
-        noisy, _, alpha_bar = noised(videos, timesteps, noise, alphas_cumprod)
+        noisy, _, _ = family.noised(videos, timesteps, noise)
+        alpha_bar = family.alphas_cumprod()[timesteps].view(-1, 1, 1, 1, 1)
         with torch.no_grad():
             v = testbed.transformer(
                 hidden_states=noisy,

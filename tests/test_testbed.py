@@ -105,15 +105,14 @@ def test_samples_follow_their_motion_label(label_samples):
 
 
 def test_focused_timestep_draw_stays_in_its_band():
-    from adacache_compile.testbed.train import TrainConfig, _draw_timesteps
+    from adacache_compile.testbed.families import FAMILIES
 
-    def draws(config):
+    def draws(focus_prob):
         generator = torch.Generator().manual_seed(0)
-        return torch.cat([_draw_timesteps(config, generator) for _ in range(50)])
+        draw = FAMILIES["latte-shapes"].draw_timesteps
+        return torch.cat([draw(64, generator, focus_prob, (150, 650)) for _ in range(50)])
 
-    plain = draws(TrainConfig(batch_size=64))
-    focused = draws(TrainConfig(batch_size=64, focus_prob=1.0, focus_range=(150, 650)))
-    mixed = draws(TrainConfig(batch_size=64, focus_prob=0.6, focus_range=(150, 650)))
+    plain, focused, mixed = draws(0.0), draws(1.0), draws(0.6)
     assert plain.min() < 50 and plain.max() > 950
     assert focused.min() >= 150 and focused.max() < 650
     in_band = ((mixed >= 150) & (mixed < 650)).float().mean().item()

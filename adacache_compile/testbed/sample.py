@@ -35,22 +35,21 @@ def sample(
     labels: Sequence[tuple[int, int]],
     seeds: Sequence[int],
     num_steps: int = 50,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Generate one video per (shape class, motion bucket) label and seed; returns [B, C, F, H, W] in [-1, 1].
+    """Generate one video per label pair and seed; returns [B, C, F, H, W] in [-1, 1].
 
-    ``transformer`` is any module with the Latte call signature (the testbed transformer or a cached drop-in);
-    it is called once per step with the conditional and unconditional halves stacked in the batch.
+    ``transformer`` is any module with the call signature of the testbed's transformer (the transformer itself or a
+    cached drop-in); it is called once per step, as the family's pipeline calls it, with the conditional and
+    unconditional halves stacked in the batch. The sampler is the family's (latte-shapes: DDIM; ltx-textures:
+    flow-matching Euler); ``guidance_scale`` defaults to the testbed's.
     """
-    from diffusers import DDIMScheduler
-
     if len(labels) != len(seeds):
         raise ValueError(f"sample: {len(labels)} labels but {len(seeds)} seeds; give one seed per video")
-    scheduler = DDIMScheduler.from_config(testbed.scheduler_config)
-    scheduler.set_timesteps(num_steps)
-    data = testbed.meta["data"]
-    latents = initial_noise(seeds, (3, data["frames"], data["size"], data["size"]))
+    guidance_scale = testbed.default_guidance_scale if guidance_scale is None else guidance_scale
+    scheduler = testbed.scheduler(num_steps)
+    latents = initial_noise(seeds, testbed.video_shape)
     cond = testbed.make_condition(labels)
     encoder_hidden_states = torch.cat([cond, testbed.cond.null(len(labels))])
     steps = scheduler.timesteps
@@ -62,12 +61,7 @@ def sample(
         for t in steps:
             model_input = torch.cat([latents, latents])
             timestep = t.expand(model_input.shape[0])
-            prediction = transformer(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                return_dict=False,
-            )[0]
+            prediction = testbed.predict(transformer, model_input, timestep, encoder_hidden_states)
             pred_cond, pred_uncond = prediction.chunk(2)
             guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
             latents = scheduler.step(guided, t, latents).prev_sample

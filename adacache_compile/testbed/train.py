@@ -21,26 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import HELD_OUT_SEED_BASE, SHAPES, TRAIN_SEED_LIMIT, DataConfig, make_batch
-from .model import CondConfig, LabelConditioner, ModelConfig, build_transformer
-from .sample import DEFAULT_GUIDANCE_SCALE
+from .data import HELD_OUT_SEED_BASE, TRAIN_SEED_LIMIT
+from .families import FAMILIES, Family, LatteShapes
+from .model import CondConfig, LabelConditioner
 
-__all__ = ["TrainConfig", "SCHEDULER_CONFIG", "OBJECTIVE", "noised", "denoising_loss", "train", "main"]
+__all__ = ["TrainConfig", "denoising_loss", "train", "main"]
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE = "v_prediction"
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "prediction_type": OBJECTIVE,
-    "clip_sample": True,
-    "clip_sample_range": 1.0,
-    # Sampling starts at t = 999 (pure noise), as in training, rather than at the "leading" spacing's t = 981.
-    "timestep_spacing": "trailing",
-}
 # Held-out clips on which the loss curve is measured (fixed clips, timesteps and noise).
 EVAL_SEED_OFFSET = 1000
 EVAL_CLIPS = 64
@@ -54,58 +42,44 @@ class TrainConfig:
     warmup_steps: int = 200
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    # Per-sample weight of the v-prediction MSE: (min(SNR_t, gamma) + 1) / (SNR_t + 1), i.e. a weight of
-    # min(SNR_t, gamma) + 1 on the implied x0 error. Noisy steps keep plain v-MSE (x0 weight ~1; they decide the layout
-    # and which shape is drawn), nearly clean steps are capped as in min-SNR-gamma (Hang et al., 2023), whose own
-    # weight min(SNR_t, gamma) on x0 starves the noisy steps like epsilon-MSE does.
-    snr_gamma: float = 5.0
-    # Timesteps are drawn uniformly; with probability ``focus_prob`` a clip's timestep is drawn from ``focus_range``
-    # instead (inclusive-exclusive), which spends more of the steps on the noise levels that decide which shape is
-    # drawn. 0 is the plain uniform draw.
+    # Timesteps are drawn as the family draws them (latte-shapes: uniform; ltx-textures: logit-normal sigmas); with
+    # probability ``focus_prob`` a clip's timestep is drawn uniformly from ``focus_range`` (inclusive-exclusive, in
+    # timestep units) instead, which spends more of the steps on the noise levels that decide what is drawn. 0 is the
+    # family's plain draw.
     focus_prob: float = 0.0
     focus_range: tuple[int, int] = (150, 650)
     log_every: int = 50
     eval_every_s: float = 120.0
 
 
-def _alphas_cumprod() -> torch.Tensor:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod
-
-
-def noised(videos: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor):
-    """(noisy videos, v-prediction target, alpha_bar_t) for clean ``videos`` at ``timesteps``."""
-    alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1)
-    noisy = alpha_bar.sqrt() * videos + (1.0 - alpha_bar).sqrt() * noise
-    target = alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * videos
-    return noisy, target, alpha_bar
-
-
 def denoising_loss(
-    transformer, cond: LabelConditioner, videos: torch.Tensor, shapes: torch.Tensor, motions: torch.Tensor, seed: int
+    transformer,
+    cond: LabelConditioner,
+    videos: torch.Tensor,
+    shapes: torch.Tensor,
+    motions: torch.Tensor,
+    seed: int,
+    family: Family | None = None,
+    model_config=None,
 ) -> float:
-    """Mean (unweighted) v-prediction MSE over the clips, timesteps and noise drawn from ``seed`` (same draws for
-    every model)."""
+    """Mean (unweighted) MSE of the family's regression target over the clips, timesteps and noise drawn from
+    ``seed`` (same draws for every model); latte-shapes by default."""
+    family = family or FAMILIES[LatteShapes.name]
+    model_config = model_config or family.model_config()
     generator = torch.Generator().manual_seed(seed)
-    timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (videos.shape[0],), generator=generator)
+    timesteps = family.draw_timesteps(videos.shape[0], generator, 0.0, (0, 1000))
     noise = torch.randn(videos.shape, generator=generator)
-    noisy, target, _ = noised(videos, timesteps, noise, _alphas_cumprod())
+    noisy, target, _ = family.noised(videos, timesteps, noise)
     device = next(transformer.parameters()).device
     with torch.no_grad():
-        prediction = transformer(
-            hidden_states=noisy.to(device),
-            timestep=timesteps.to(device),
-            encoder_hidden_states=cond(shapes.to(device), motions.to(device)),
-            return_dict=False,
-        )[0]
+        prediction = family.predict(
+            transformer,
+            noisy.to(device),
+            timesteps.to(device),
+            cond(shapes.to(device), motions.to(device)),
+            model_config,
+        )
     return F.mse_loss(prediction, target.to(device)).item()
-
-
-def _draw_timesteps(config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    uniform = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,), generator=generator)
-    focused = torch.randint(*config.focus_range, (config.batch_size,), generator=generator)
-    return torch.where(torch.rand(config.batch_size, generator=generator) < config.focus_prob, focused, uniform)
 
 
 def _lr_factor(step: int, fraction_done: float, config: TrainConfig) -> float:
@@ -114,49 +88,55 @@ def _lr_factor(step: int, fraction_done: float, config: TrainConfig) -> float:
 
 
 def _training_batch(
-    batch_index: int, config: TrainConfig, data_config: DataConfig, label_dropout: float, generator, alphas_cumprod
+    batch_index: int, config: TrainConfig, family: Family, data_config, label_dropout: float, generator
 ):
-    """``(noisy, target, alpha_bar, shapes, motions, timesteps)`` of training batch ``batch_index``, drawn on the CPU.
+    """``(noisy, target, weight, shapes, motions, timesteps)`` of training batch ``batch_index``, drawn on the CPU.
 
     A continued run passes its predecessor's step count on, so it draws clips after the ones that run saw."""
     seeds = (batch_index * config.batch_size + torch.arange(config.batch_size)) % TRAIN_SEED_LIMIT
-    videos, shapes, motions = make_batch(seeds.tolist(), data_config)
+    videos, shapes, motions = family.make_batch(seeds.tolist(), data_config)
     dropped = torch.rand(config.batch_size, generator=generator) < label_dropout
     shapes, motions = shapes.masked_fill(dropped, -1), motions.masked_fill(dropped, -1)
-    timesteps = _draw_timesteps(config, generator)
+    timesteps = family.draw_timesteps(config.batch_size, generator, config.focus_prob, config.focus_range)
     noise = torch.randn(videos.shape, generator=generator)
-    noisy, target, alpha_bar = noised(videos, timesteps, noise, alphas_cumprod)
-    return noisy, target, alpha_bar, shapes, motions, timesteps
+    noisy, target, weight = family.noised(videos, timesteps, noise)
+    return noisy, target, weight, shapes, motions, timesteps
 
 
-def _initial_models(init_from: Path | None, model_config: ModelConfig | None, data_config: DataConfig):
-    """``(transformer, cond, model_config, cond_config, previous training summary)``: new ones of ``model_config``'s
-    size, or the ones saved at ``init_from`` (whose size a differing ``model_config`` may not change)."""
+def _initial_models(init_from: Path | None, model_config, family: Family):
+    """``(transformer, cond, model_config, cond_config, data_config, previous training summary)``: new ones of
+    ``model_config``'s size, or the ones saved at ``init_from`` (whose size a differing ``model_config`` may not
+    change, and whose family must be ``family``)."""
     previous = saved = None
+    data_config = family.data_config()
     if init_from is not None:
         from . import load_testbed
 
         saved = load_testbed(init_from)
-        saved_config = ModelConfig(**saved.meta["model"])
+        if saved.family.name != family.name:
+            raise ValueError(
+                f"train: init_from={str(init_from)!r} is a {saved.family.name} checkpoint, not {family.name}"
+            )
+        saved_config = saved.model_config
         if model_config is not None and model_config != saved_config:
             raise ValueError(
                 f"train: init_from={str(init_from)!r} holds a model of {saved_config}, but model_config asks for"
                 f" {model_config}; a continued run keeps its saved size (drop the size options or train from scratch)"
             )
-        model_config = saved_config
+        model_config, data_config = saved_config, saved.data_config
         previous = saved.meta["training"]
-    model_config = model_config or ModelConfig()
+    model_config = model_config or family.model_config()
     cond_config = CondConfig(
         num_shapes=data_config.num_shapes,
         num_motion_buckets=data_config.num_motion_buckets,
         caption_channels=model_config.caption_channels,
     )
-    transformer = build_transformer(model_config, data_config)
+    transformer = family.build_transformer(model_config, data_config)
     cond = LabelConditioner(cond_config)
     if saved is not None:
         transformer.load_state_dict(saved.transformer.state_dict())
         cond.load_state_dict(saved.cond.state_dict())
-    return transformer, cond, model_config, cond_config, previous
+    return transformer, cond, model_config, cond_config, data_config, previous
 
 
 def _update_ema(pairs, step: int, ema_decay: float) -> None:
@@ -176,30 +156,37 @@ def train(
     seed: int = 0,
     init_from: Path | None = None,
     device: str = "cpu",
-    model_config: ModelConfig | None = None,
+    model_config=None,
+    family: str = LatteShapes.name,
 ) -> dict:
     """Train for ``minutes`` of wall time and save to ``out``; ``init_from`` continues from a saved checkpoint.
 
     Clips, timesteps and noise are always drawn on the CPU (the same draws on every device); ``device`` ("cuda")
-    runs the model there. ``model_config`` sizes a new model (default ``ModelConfig()``); a continued run keeps the size
-    it was saved with, and a ``model_config`` that differs from it is an error."""
+    runs the model there. ``family`` names the testbed family (``families.FAMILIES``); ``model_config`` sizes a new model
+    (default: the family's); a continued run keeps the size it was saved with, and a ``model_config`` that differs from
+    it is an error."""
     config = config or TrainConfig()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    data_config = DataConfig()
-    transformer, cond, model_config, cond_config, previous = _initial_models(init_from, model_config, data_config)
+    family = FAMILIES[family]
+    transformer, cond, model_config, cond_config, data_config, previous = _initial_models(
+        init_from, model_config, family
+    )
     transformer, cond = transformer.to(device), cond.to(device)
     ema_transformer, ema_cond = copy.deepcopy(transformer).eval(), copy.deepcopy(cond).eval()
     params = list(transformer.parameters()) + list(cond.parameters())
     num_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    alphas_cumprod = _alphas_cumprod()
     generator = torch.Generator().manual_seed(seed)
 
-    eval_batch = make_batch(
-        range(HELD_OUT_SEED_BASE + EVAL_SEED_OFFSET, HELD_OUT_SEED_BASE + EVAL_SEED_OFFSET + EVAL_CLIPS)
+    eval_batch = family.make_batch(
+        range(HELD_OUT_SEED_BASE + EVAL_SEED_OFFSET, HELD_OUT_SEED_BASE + EVAL_SEED_OFFSET + EVAL_CLIPS), data_config
     )
-    init_loss = denoising_loss(transformer.eval(), cond, *eval_batch, seed=seed)
+
+    def held_out_loss(transformer, cond) -> float:
+        return denoising_loss(transformer, cond, *eval_batch, seed=seed, family=family, model_config=model_config)
+
+    init_loss = held_out_loss(transformer.eval(), cond)
     logger.info("params %d, held-out loss at start %.4f", num_params, init_loss)
     curve = [{"step": 0, "minutes": 0.0, "train_loss": None, "eval_loss_ema": init_loss}]
 
@@ -227,17 +214,13 @@ def train(
     while (elapsed := time.monotonic() - start) < budget_s:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, elapsed / budget_s, config)
-        noisy, target, alpha_bar, shapes, motions, timesteps = (
+        noisy, target, weight, shapes, motions, timesteps = (
             t.to(device)
             for t in _training_batch(
-                first_step + step, config, data_config, cond_config.label_dropout, generator, alphas_cumprod
+                first_step + step, config, family, data_config, cond_config.label_dropout, generator
             )
         )
-        prediction = transformer(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond(shapes, motions), return_dict=False
-        )[0]
-        snr = alpha_bar / (1.0 - alpha_bar)
-        weight = (snr.clamp(max=config.snr_gamma) + 1.0) / (snr + 1.0)
+        prediction = family.predict(transformer, noisy, timesteps, cond(shapes, motions), model_config)
         loss = (weight * (prediction - target).square()).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -257,7 +240,7 @@ def train(
             )
         if time.monotonic() - last_eval > config.eval_every_s:
             last_eval = time.monotonic()
-            eval_loss = denoising_loss(ema_transformer, ema_cond, *eval_batch, seed=seed)
+            eval_loss = held_out_loss(ema_transformer, ema_cond)
             train_loss = sum(running[-200:]) / len(running[-200:])
             curve.append(
                 {
@@ -269,10 +252,10 @@ def train(
             )
             logger.info("eval  step %d  train %.4f  held-out (EMA) %.4f", step, train_loss, eval_loss)
             # A checkpoint at every evaluation: a run can be sampled while it trains, and a stopped run keeps its work.
-            _save(out, ema_transformer, ema_cond, data_config, model_config, cond_config, summarise(eval_loss))
+            _save(out, family, ema_transformer, ema_cond, data_config, model_config, cond_config, summarise(eval_loss))
 
     wall_s = time.monotonic() - start
-    final_loss = denoising_loss(ema_transformer, ema_cond, *eval_batch, seed=seed)
+    final_loss = held_out_loss(ema_transformer, ema_cond)
     train_loss = sum(running[-200:]) / max(len(running[-200:]), 1)
     curve.append(
         {"step": step, "minutes": round(wall_s / 60.0, 2), "train_loss": train_loss, "eval_loss_ema": final_loss}
@@ -281,11 +264,11 @@ def train(
         "done: %d steps in %.1f min, held-out loss %.4f (init %.4f)", step, wall_s / 60.0, final_loss, init_loss
     )
     summary = summarise(final_loss)
-    _save(out, ema_transformer, ema_cond, data_config, model_config, cond_config, summary)
+    _save(out, family, ema_transformer, ema_cond, data_config, model_config, cond_config, summary)
     return summary
 
 
-def _save(out: Path, transformer, cond, data_config, model_config, cond_config, summary: dict) -> None:
+def _save(out: Path, family: Family, transformer, cond, data_config, model_config, cond_config, summary: dict) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -293,16 +276,17 @@ def _save(out: Path, transformer, cond, data_config, model_config, cond_config, 
     tensors.update({f"cond.{k}": v.detach().cpu().contiguous() for k, v in cond.state_dict().items()})
     save_file(tensors, str(out / "model.safetensors"))
     config = {
+        "family": family.name,
         "transformer": dict(transformer.config),
         "model": dataclasses.asdict(model_config),
         "cond": dataclasses.asdict(cond_config),
         "data": dataclasses.asdict(data_config),
-        "scheduler": SCHEDULER_CONFIG,
-        "objective": OBJECTIVE,
+        "scheduler": family.scheduler_config,
+        "objective": family.objective,
         "training": {k: v for k, v in summary.items() if k != "curve"},
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
-    (out / "MODEL_CARD.md").write_text(_model_card(summary, data_config, model_config))
+    (out / "MODEL_CARD.md").write_text(_model_card(summary, family, data_config, model_config))
 
 
 def _continued_note(summary: dict) -> str:
@@ -315,48 +299,89 @@ def _continued_note(summary: dict) -> str:
     )
 
 
-def _timestep_note(summary: dict) -> str:
+def _timestep_note(summary: dict, family: Family) -> str:
     config = summary["train_config"]
+    plain = "uniform timesteps" if family.objective == "v_prediction" else "logit-normal sigmas (SD3's)"
     if not config.get("focus_prob"):
-        return "uniform timesteps"
+        return plain
     lo, hi = config["focus_range"]
-    return f"timesteps uniform, or with probability {config['focus_prob']} uniform in [{lo}, {hi})"
+    return f"{plain}, or with probability {config['focus_prob']} timesteps uniform in [{lo}, {hi})"
 
 
-def _model_card(summary: dict, data_config: DataConfig, model_config: ModelConfig) -> str:
+def _card_sections(family: Family, data_config, model_config) -> dict:
+    """The family-specific text of the generated model card."""
+    if family.objective == "v_prediction":
+        from .data import SHAPES
+
+        return {
+            "intro": "A small diffusers `LatteTransformer3DModel` (alternating spatial / temporal blocks) trained from"
+            " scratch on CPU,\nin pixel space, on procedural videos of moving shapes.",
+            "model": f"- Latte: {model_config.num_layers} spatial + {model_config.num_layers} temporal blocks,\n"
+            f"  {model_config.num_attention_heads} heads x {model_config.attention_head_dim} dims, patch"
+            f" {model_config.patch_size},\n  `ada_norm_single`, in/out channels 3 (RGB pixels, no VAE).",
+            "labels": "(shape class, motion bucket)",
+            "data": f"`adacache_compile.testbed.data`: {data_config.frames} frames at {data_config.size}x"
+            f"{data_config.size} RGB in [-1, 1],\nlayout [C, F, H, W]. Shapes: {', '.join(SHAPES)} in 7 saturated"
+            " colours over a dark plain or gradient\nbackground; motion buckets 0 static, 1 slow (0.35-0.6 px/frame),"
+            " 2 medium (0.9-1.3), 3 fast (1.8-2.6), bouncing\noff the borders;"
+            f" {data_config.second_object_prob:.0%} of clips have a second (unlabelled) object of the same motion\n"
+            "bucket.",
+            "objective": "v_prediction MSE, DDPM linear betas 1e-4..0.02, 1000 train timesteps",
+            "weight": f"per-sample weight (min(SNR_t, {family.snr_gamma}) + 1) / (SNR_t + 1) (the train loss column"
+            " is\n  weighted, the held-out column is not)",
+            "sampling": "DDIM, 50 steps",
+        }
+    from .textures import CAMERA_MOTIONS, PATTERNS
+
+    return {
+        "intro": "A small diffusers `LTXVideoTransformer3DModel` (one stream of blocks with full 3-D self-attention,"
+        " rotary\npositions, cross-attention to the caption) trained from scratch on CPU, in pixel space, on procedural"
+        " textures under a\nmoving camera.",
+        "model": f"- LTX-Video: {model_config.num_layers} blocks, {model_config.num_attention_heads} heads x"
+        f" {model_config.attention_head_dim} dims; called on packed tokens of\n  {model_config.patch_size_t} x"
+        f" {model_config.patch_size} x {model_config.patch_size} RGB pixels ({model_config.token_channels} channels),"
+        " as `LTXPipeline` packs a VAE latent (no VAE).",
+        "labels": "(pattern, camera motion)",
+        "data": f"`adacache_compile.testbed.textures`: {data_config.frames} frames at {data_config.size}x"
+        f"{data_config.size} RGB in [-1, 1],\nlayout [C, F, H, W]. Full-frame patterns: {', '.join(PATTERNS)}, in"
+        " two colours, period\n"
+        f"{data_config.period[0]}-{data_config.period[1]} px; camera: {', '.join(CAMERA_MOTIONS)} (pan"
+        f" {data_config.pan_speed[0]}-{data_config.pan_speed[1]} px/frame, rotation\n"
+        f"{data_config.rotate_speed[0]}-{data_config.rotate_speed[1]} rad/frame, zoom in or out"
+        f" {data_config.zoom_rate[0]}-{data_config.zoom_rate[1]}x per frame).",
+        "objective": "rectified-flow velocity MSE (x_t = (1 - sigma) x0 + sigma noise, target noise - x0), timestep"
+        " 1000 sigma",
+        "weight": "unweighted",
+        "sampling": "flow-matching Euler (`FlowMatchEulerDiscreteScheduler`, shift 1), 50 steps",
+    }
+
+
+def _model_card(summary: dict, family: Family, data_config, model_config) -> str:
     rows = "\n".join(
         "| {} | {} | {} | {:.4f} |".format(
             p["step"], p["minutes"], "-" if p["train_loss"] is None else f"{p['train_loss']:.4f}", p["eval_loss_ema"]
         )
         for p in summary["curve"]
     )
-    return f"""# Testbed DiT — model card
+    text = _card_sections(family, data_config, model_config)
+    return f"""# Testbed DiT `{family.name}` — model card
 
-A small diffusers `LatteTransformer3DModel` (alternating spatial / temporal blocks) trained from scratch on CPU,
-in pixel space, on procedural videos of moving shapes. It is the default model of the demo, the benchmark testbed
-and the model the tests load. It is a testbed for caching, not a generative model anyone should use for content.
+{text["intro"]} It is a testbed for caching, not a generative model anyone should use for content.
 
 ## Model
-- Latte: {model_config.num_layers} spatial + {model_config.num_layers} temporal blocks,
-  {model_config.num_attention_heads} heads x {model_config.attention_head_dim} dims, patch {model_config.patch_size},
-  `ada_norm_single`, in/out channels 3 (RGB pixels, no VAE).
-- Conditioning: learned embedding of (shape class, motion bucket) -> 2 caption tokens of
+{text["model"]}
+- Conditioning: learned embedding of {text["labels"]} -> 2 caption tokens of
   {model_config.caption_channels} channels, plus a learned null token per label for classifier-free guidance
   (both labels dropped together with probability 0.1 during training).
 - Parameters: {summary["num_params"]:,} (transformer + conditioner); float32 weights are the EMA (decay
   {summary["train_config"]["ema_decay"]}) of the trained weights.
 
 ## Data
-`adacache_compile.testbed.data`: {data_config.frames} frames at {data_config.size}x{data_config.size} RGB in [-1, 1],
-layout [C, F, H, W]. Shapes: {", ".join(SHAPES)} in 7 saturated colours over a dark plain or gradient
-background; motion buckets 0 static, 1 slow (0.35-0.6 px/frame), 2 medium (0.9-1.3), 3 fast (1.8-2.6), bouncing
-off the borders; {data_config.second_object_prob:.0%} of clips have a second (unlabelled) object of the same motion
-bucket. Each clip is a function of its seed; training used seeds below 2^30, evaluation seeds from 2^31 on.
+{text["data"]} Each clip is a function of its seed; training used seeds below 2^30, evaluation seeds from 2^31 on.
 
 ## Training
-- Objective: {OBJECTIVE} MSE, DDPM linear betas 1e-4..0.02, 1000 train timesteps, {_timestep_note(summary)};
-  per-sample weight (min(SNR_t, {summary["train_config"]["snr_gamma"]}) + 1) / (SNR_t + 1) (the train loss column is
-  weighted, the held-out column is not).
+- Objective: {text["objective"]}, {_timestep_note(summary, family)};
+  {text["weight"]}.
 - AdamW lr {summary["train_config"]["lr"]} (warm-up {summary["train_config"]["warmup_steps"]} steps, cosine to 10%
   over the time budget), weight decay {summary["train_config"]["weight_decay"]}, grad clip
   {summary["train_config"]["grad_clip"]}, batch {summary["batch_size"]}.
@@ -373,13 +398,13 @@ loss: mean of the last 200 steps (10% of labels dropped).
 {rows}
 
 ## Sampling
-`adacache_compile.testbed.sample`: DDIM, 50 steps, batched classifier-free guidance (default scale
-{DEFAULT_GUIDANCE_SCALE}).
+`adacache_compile.testbed.sample`: {text["sampling"]}, batched classifier-free guidance (default scale
+{family.default_guidance_scale}).
 """
 
 
-def _model_config_from(args) -> ModelConfig | None:
-    """The ModelConfig of the size options given on the command line, or None when none was given."""
+def _model_config_from(args):
+    """The family's model config of the size options given on the command line, or None when none was given."""
     given = {
         field: value
         for field, value in (
@@ -389,7 +414,7 @@ def _model_config_from(args) -> ModelConfig | None:
         )
         if value is not None
     }
-    return ModelConfig(**given) if given else None
+    return FAMILIES[args.family].model_config(given) if given else None
 
 
 def main(argv=None) -> None:
@@ -405,12 +430,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--snr-gamma", type=float, default=TrainConfig.snr_gamma)
     parser.add_argument("--focus-prob", type=float, default=TrainConfig.focus_prob)
     parser.add_argument("--focus-range", type=int, nargs=2, default=TrainConfig.focus_range, metavar=("LO", "HI"))
     parser.add_argument("--seed", type=int, default=0)
-    sizes = "model size of a new run (default: ModelConfig); a continued run keeps its saved size"
-    parser.add_argument("--layers", type=int, default=None, help=f"spatial+temporal block pairs; {sizes}")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=LatteShapes.name, help="testbed family")
+    sizes = "model size of a new run (default: the family's); a continued run keeps its saved size"
+    parser.add_argument("--layers", type=int, default=None, help=f"blocks (Latte: spatial+temporal pairs); {sizes}")
     parser.add_argument("--heads", type=int, default=None, help=sizes)
     parser.add_argument("--head-dim", type=int, default=None, help=sizes)
     parser.add_argument("--device", default="cpu", help='where the model runs, e.g. "cuda" (data stays on the CPU)')
@@ -424,7 +449,6 @@ def main(argv=None) -> None:
         TrainConfig(
             batch_size=args.batch_size,
             lr=args.lr,
-            snr_gamma=args.snr_gamma,
             focus_prob=args.focus_prob,
             focus_range=tuple(args.focus_range),
         ),
@@ -432,6 +456,7 @@ def main(argv=None) -> None:
         init_from=args.init_from,
         device=args.device,
         model_config=_model_config_from(args),
+        family=args.family,
     )
 
 
