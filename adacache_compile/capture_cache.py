@@ -59,6 +59,10 @@ class CompiledEntry:
     def region_fraction(self) -> float:
         return len(self.plan.region_blocks) / max(1, len(self.plan.all_blocks))
 
+    @property
+    def input_names(self) -> list[str]:
+        return self.captured.input_names
+
 
 class CaptureCache:
     """Captures of ``model`` for the call signatures it has seen, with programs built for ``backend``; with

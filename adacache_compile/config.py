@@ -39,6 +39,10 @@ __all__ = [
     "forecast_config",
     "schedule_config",
     "even_grid",
+    "InputPolicy",
+    "GapPolicy",
+    "POLICIES",
+    "policy_config",
 ]
 
 Codebook = tuple[tuple[float, int], ...]
@@ -212,6 +216,110 @@ class MoRegConfig:
         return cls(**_known_fields(cls, data))
 
 
+def _positive(owner: str, name: str, value: Any, *, integer: bool = False) -> None:
+    if integer:
+        if not _is_int(value) or value < 1:
+            raise _fail(f"{owner}.{name}", f"expected an int >= 1, got {value!r}")
+    elif not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise _fail(f"{owner}.{name}", f"expected a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """Decide before each step from the step's own input (ours; the TeaCache / MagCache / SeaCache family):
+    the relative L1 change of the model's latent input since the previous step, ``||x_i - x_{i-1}||_1 /
+    ||x_{i-1}||_1``, is accumulated over the steps since the last computed one; a step is computed when the sum
+    reaches ``threshold`` (the sum then starts again from 0) or after ``max_skips`` skipped steps in a row.
+
+    Attributes:
+        threshold: accumulated relative change at which a step is computed (> 0).
+        max_skips: the most steps skipped in a row (>= 1).
+        input: the model input that holds the latent (a capture input name); None: ``hidden_states`` (or
+            ``sample``, ``latents``, ``x``) if the model has one, else its first input.
+    """
+
+    threshold: float
+    max_skips: int = 4
+    input: str | None = None
+
+    kind = "input"
+
+    def __post_init__(self) -> None:
+        _positive("InputPolicy", "threshold", self.threshold)
+        _positive("InputPolicy", "max_skips", self.max_skips, integer=True)
+        if self.input is not None and not (isinstance(self.input, str) and self.input):
+            raise _fail("InputPolicy.input", f"expected a model input name or None, got {self.input!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "threshold": self.threshold, "max_skips": self.max_skips, "input": self.input}
+
+
+@dataclass(frozen=True)
+class GapPolicy:
+    """Error-controlled gaps between computed steps (ours), set as an ODE solver sets its step size: at each
+    computed step the fused delta just computed is compared with the delta the forecast (``forecast_order``) from
+    the earlier computed steps predicts for this step — the error a skip to here would have made, relative L1
+    ``e`` — and the next gap becomes ``h * clip(safety * (tolerance / e) ** (1 / (p + 1)), shrink, grow)`` (``h`` the
+    gap just taken, ``p`` the order the forecast had), at most ``max_gap``.
+
+    Attributes:
+        tolerance: the relative forecast error per computed step to aim at (> 0).
+        max_gap: the largest gap (>= 1).
+        first_gap: the gap after the first computed step, which has nothing to measure yet (>= 1).
+        safety, shrink, grow: the controller's safety factor and the clip of the gap's change per computed step.
+    """
+
+    tolerance: float
+    max_gap: int = 8
+    first_gap: int = 2
+    safety: float = 0.9
+    shrink: float = 0.5
+    grow: float = 2.0
+
+    kind = "gap"
+
+    def __post_init__(self) -> None:
+        _positive("GapPolicy", "tolerance", self.tolerance)
+        for name in ("max_gap", "first_gap"):
+            _positive("GapPolicy", name, getattr(self, name), integer=True)
+        for name in ("safety", "shrink", "grow"):
+            _positive("GapPolicy", name, getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not self.shrink <= 1.0 <= self.grow:
+            raise _fail("GapPolicy", f"expected shrink <= 1 <= grow, got shrink={self.shrink}, grow={self.grow}")
+        object.__setattr__(self, "tolerance", float(self.tolerance))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "tolerance": self.tolerance,
+            "max_gap": self.max_gap,
+            "first_gap": self.first_gap,
+            "safety": self.safety,
+            "shrink": self.shrink,
+            "grow": self.grow,
+        }
+
+
+# Step policies other than the AdaCache rule, by their ``kind``.
+POLICIES = {policy.kind: policy for policy in (InputPolicy, GapPolicy)}
+
+
+def _policy_from(value: Any):
+    if value is None or isinstance(value, tuple(POLICIES.values())):
+        return value
+    if isinstance(value, dict):
+        data = dict(value)
+        kind = data.pop("kind", None)
+        if kind not in POLICIES:
+            raise _fail("AdaCacheConfig.policy.kind", f"expected one of {sorted(POLICIES)}, got {kind!r}")
+        return POLICIES[kind](**_known_fields(POLICIES[kind], data))
+    raise _fail(
+        "AdaCacheConfig.policy", f"expected an InputPolicy, a GapPolicy, a dict with a 'kind' or None, got {value!r}"
+    )
+
+
 @dataclass(frozen=True)
 class AdaCacheConfig:
     """How AdaCache decides which denoising steps to compute, and what it caches.
@@ -219,7 +327,7 @@ class AdaCacheConfig:
     Attributes:
         codebook: ascending (threshold, rate) pairs; a computed step with metric c picks the rate of the first pair
             with c < threshold, else the last pair's rate. Thresholds must be > 0 and strictly ascending; rates are
-            ints >= 1.
+            ints >= 1. Required by the AdaCache rule; None with another ``policy``.
         forced_steps: steps that are always computed. Positive values are 1-based steps, negative values count from
             the end (-1 = N, -2 = N-1). The reference forces 1, N-1 and N. Zero is not allowed.
         tap: the block whose self-attention residual feeds the metric: an index into the plan's block list (Python
@@ -240,9 +348,12 @@ class AdaCacheConfig:
             so step 2 is always computed): an int >= 1, or "top" for the codebook's largest rate. A static stride k
             with ``first_rate="top"`` computes the regular grid 1, 1 + k, 1 + 2k, ... (plus the forced steps), the
             spacing a forecast extrapolates best from.
+        policy: what decides which steps to compute: None for the AdaCache rule (the codebook, with MoReg and the
+            decision metric), or :class:`InputPolicy` / :class:`GapPolicy` (ours; docs/algorithm.md "Policies").
+            Every policy runs on the same programs and keeps ``forced_steps`` and ``forecast_order``.
     """
 
-    codebook: Codebook
+    codebook: Codebook | None = None
     forced_steps: tuple[int, ...] = (1, -2, -1)
     tap: int | str | None = None
     region: tuple[int, int] | None = None
@@ -252,9 +363,25 @@ class AdaCacheConfig:
     forecast_order: int = 0
     decision_metric: str = "change"
     first_rate: int | str = 1
+    policy: InputPolicy | GapPolicy | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "codebook", _validated_codebook(self.codebook))
+        policy = _policy_from(self.policy)
+        object.__setattr__(self, "policy", policy)
+        if policy is None or self.codebook is not None:
+            object.__setattr__(self, "codebook", _validated_codebook(self.codebook))
+        if policy is not None:
+            for name, value, default in (
+                ("moreg", self.moreg, None),
+                ("decision_metric", self.decision_metric, "change"),
+                ("first_rate", self.first_rate, 1),
+            ):
+                if value != default:
+                    raise _fail(
+                        f"AdaCacheConfig.{name}",
+                        f"{value!r} is a setting of the AdaCache rule, which policy={policy.kind!r} replaces; "
+                        f"leave it at {default!r} (or set policy=None)",
+                    )
 
         forced = self.forced_steps
         if not isinstance(forced, (tuple, list)):
@@ -316,6 +443,11 @@ class AdaCacheConfig:
         except KeyError:
             raise ValueError(f"unknown AdaCache preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
 
+    @property
+    def policy_name(self) -> str:
+        """``"adacache"`` (the codebook rule) or the policy's kind."""
+        return "adacache" if self.policy is None else self.policy.kind
+
     def resolved_first_rate(self) -> int:
         """:attr:`first_rate` as a rate: ``"top"`` is the codebook's largest rate."""
         return max(rate for _, rate in self.codebook) if self.first_rate == FIRST_RATE_TOP else self.first_rate
@@ -333,7 +465,7 @@ class AdaCacheConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; the codebook is a list of [threshold, rate]."""
         return {
-            "codebook": [[threshold, rate] for threshold, rate in self.codebook],
+            "codebook": None if self.codebook is None else [[threshold, rate] for threshold, rate in self.codebook],
             "forced_steps": list(self.forced_steps),
             "tap": self.tap,
             "region": None if self.region is None else list(self.region),
@@ -343,6 +475,7 @@ class AdaCacheConfig:
             "forecast_order": self.forecast_order,
             "decision_metric": self.decision_metric,
             "first_rate": self.first_rate,
+            "policy": None if self.policy is None else self.policy.to_dict(),
         }
 
     @classmethod
@@ -455,6 +588,12 @@ def schedule_config(steps: Sequence[int], forecast_order: int = 0) -> AdaCacheCo
             "schedule_config(steps)", f"expected increasing 1-based step numbers starting with 1, got {steps!r}"
         )
     return forecast_config(((_NEVER, _NEVER),), forecast_order).replace(forced_steps=tuple(steps))
+
+
+def policy_config(policy: InputPolicy | GapPolicy, forecast_order: int = 1) -> AdaCacheConfig:
+    """A config run by ``policy`` with the forecasting start and end (only steps 1 and N forced,
+    :data:`FORECAST_FORCED_STEPS`) and ``forecast_order``."""
+    return AdaCacheConfig(policy=policy, forecast_order=forecast_order, forced_steps=FORECAST_FORCED_STEPS)
 
 
 def even_grid(count: int, num_steps: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 :func:`apply` swaps ``pipe.transformer`` (and ``pipe.transformer_2`` where the pipeline has one) for
 :class:`~adacache_compile.runtime.CachedTransformer` modules and wraps the scheduler's ``set_timesteps`` on the
-instance, so each pipeline call tells the cached modules how many steps the generation has and starts a new one.
+instance, so each pipeline call tells the cached modules its schedule (how many steps the generation has: all of
+them, or the tail a video-to-video pipeline runs from its first call's timestep on) and starts a new one.
 Pipelines that name branch and step with ``cache_context`` (Wan, HunyuanVideo) would not need the hook, but the ones
 that do not (Latte, Allegro) would otherwise never learn N, and then never reach the forced last steps N-1 and N.
 :func:`remove` puts back exactly the objects :func:`apply` replaced.
@@ -153,7 +154,8 @@ def _announcing_set_timesteps(pipe, scheduler, record: _Applied):
         for cached in record.cached.values():
             # A pipeline calls set_timesteps once, before its loop: whatever ran before is a finished generation.
             cached._reset_stateful_cache()
-            cached.num_steps = num_steps
+            # N is the tail the loop runs: all of it, or from the first call's timestep on (strength pipelines).
+            cached.announce_timesteps(scheduler.timesteps)
         logger.debug("adacache: %s generation of %d steps", type(pipe).__name__, num_steps)
         return result
 

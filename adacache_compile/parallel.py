@@ -75,14 +75,21 @@ def context_parallel_of(model: torch.nn.Module | None) -> ContextParallel | None
     )
 
 
-def reduce_metrics(metrics: torch.Tensor, cp: ContextParallel | None, norm_ord: int) -> torch.Tensor:
+def reduce_metrics(
+    metrics: torch.Tensor, cp: ContextParallel | None, norm_ord: int, sums: torch.Tensor | None = None
+) -> torch.Tensor:
     """The global metrics vector of a CP group from each rank's (layout:
     :class:`~adacache_compile.programs.MetricValues`): one all-reduce (sum) of ``[non-finite count, ||r_prev - r||_p^p,
     ||r_prev||_p^p, ||r||_p^p]`` over ``cp.group``, then the norms rebuilt; ``metrics`` itself is left untouched.
     Without ``cp`` the vector is returned as it is. A CP program emits no motion terms (see :data:`MOREG_UNDER_CP`).
+
+    ``sums``: more additive values (L1 norms of this rank's shards, e.g. the delta forecast error of
+    :class:`~adacache_compile.config.GapPolicy`), summed in the same all-reduce and appended to the result (float64).
     """
+    if sums is not None:
+        sums = sums.detach().to(device=metrics.device, dtype=torch.float64)
     if cp is None or cp.world_size == 1:
-        return metrics
+        return metrics if sums is None else torch.cat([metrics.detach().to(torch.float64), sums])
     import torch.distributed as dist
 
     if metrics.numel() != 4:
@@ -91,6 +98,7 @@ def reduce_metrics(metrics: torch.Tensor, cp: ContextParallel | None, norm_ord: 
             f"are not additive across sequence shards: {MOREG_UNDER_CP})"
         )
     values = metrics.detach().to(torch.float64)
-    shares = torch.cat([1.0 - values[:1], values[1:].pow(norm_ord)])
+    extra = sums if sums is not None else values[:0]
+    shares = torch.cat([1.0 - values[:1], values[1:].pow(norm_ord), extra])
     dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=cp.group)
-    return torch.cat([(shares[:1] == 0).to(torch.float64), shares[1:].pow(1.0 / norm_ord)])
+    return torch.cat([(shares[:1] == 0).to(torch.float64), shares[1:4].pow(1.0 / norm_ord), shares[4:]])

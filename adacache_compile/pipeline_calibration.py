@@ -70,13 +70,13 @@ def calibrate_runs(
     def generate(config: AdaCacheConfig) -> tuple[list[torch.Tensor], list[dict]]:
         for module in modules:
             module.use_config(config)
-        starts = [len(module.stats["history"]) for module in modules]
-        outputs = []
+        outputs, histories = [], []
         for i in _progress(range(num_runs), progress, "calibration runs"):
+            starts = [module.generations_finished for module in modules]
             outputs.append(run(i))
-            for module in modules:
+            for module, start in zip(modules, starts):
                 module.reset()  # the generation's sessions go to history (a pipeline call also ends with a reset)
-        histories = [h for module, start in zip(modules, starts) for h in module.stats["history"][start:]]
+                histories += module.history_since(start)
         return outputs, histories
 
     # Motion is recorded only when the target uses MoReg: not every model's tap has a frame layout MoReg can read.

@@ -44,8 +44,8 @@ class MetricValues:
     motion: tuple[tuple[float, float], ...]  # (numerator, denominator) per MoReg stride, in stride order
 
     @classmethod
-    def from_vector(cls, metrics: torch.Tensor) -> MetricValues:
-        values = metrics.tolist()
+    def from_vector(cls, metrics: torch.Tensor | list[float]) -> MetricValues:
+        values = metrics.tolist() if isinstance(metrics, torch.Tensor) else list(metrics)
         return cls(values[0] == 1.0, values[1], values[2], values[3], tuple(zip(values[4::2], values[5::2])))
 
 

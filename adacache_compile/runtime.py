@@ -55,11 +55,12 @@ class ProgramRuntime(torch.nn.Module):
     # Not ``config``: pipelines read the wrapped model's config (``transformer.config.patch_size``).
     @property
     def adacache_config(self) -> AdaCacheConfig:
+        """The AdaCache config in force; assigning one is :meth:`use_config` (the programs follow it)."""
         return self._sessions.config
 
     @adacache_config.setter
     def adacache_config(self, config: AdaCacheConfig) -> None:
-        self._sessions.config = config
+        self.use_config(config)
 
     @property
     def num_steps(self) -> int | None:
@@ -97,9 +98,14 @@ class ProgramRuntime(torch.nn.Module):
         hyper-parameters are host-side and switch freely; what the programs compute (region, tap, norm order, MoReg
         strides, forecast order) must match them: a torch runtime re-captures on the next call, an exported one
         refuses."""
+        if not isinstance(config, AdaCacheConfig):
+            raise TypeError(
+                f"{type(self).__name__}.use_config: expected an AdaCacheConfig, got {type(config).__name__} (a "
+                "preset name goes through AdaCacheConfig.preset(name))"
+            )
         self._captures.accept(config)
         self._reset_stateful_cache()
-        self.adacache_config = config
+        self._sessions.config = config
 
     # --- sessions ----------------------------------------------------------------------------------------------
     def cache_context(self, name: str, **kwargs):
@@ -122,10 +128,28 @@ class ProgramRuntime(torch.nn.Module):
         """Explicit session API: pass it to :meth:`step`."""
         return self._sessions.new_session(num_steps, name)
 
+    def announce_timesteps(self, timesteps) -> None:
+        """A pipeline's whole schedule, before its loop (``apply()`` calls this from the scheduler's
+        ``set_timesteps``): the next generations have ``len(timesteps)`` steps, or the tail from the step whose
+        timestep their first call carries (video-to-video pipelines with ``strength`` run only a tail)."""
+        values = [float(t) for t in timesteps]
+        self._sessions.announced_timesteps = values
+        self._sessions.num_steps = len(values)
+
     @property
     def stats(self) -> dict[str, Any]:
-        """Per branch: the live sessions, plus finished generations under ``history``."""
+        """Per branch: the live sessions, plus the newest finished ones under ``history`` (at most
+        :data:`~adacache_compile.sessions.HISTORY_LIMIT`; each entry numbers its ``generation``)."""
         return self._sessions.stats()
+
+    @property
+    def generations_finished(self) -> int:
+        """How many sessions have finished since this module was made (``history`` keeps only the newest)."""
+        return self._sessions.generations_finished
+
+    def history_since(self, generation: int) -> list[dict]:
+        """The sessions finished after :attr:`generations_finished` was ``generation``, oldest first."""
+        return self._sessions.history_since(generation)
 
     # --- the call ----------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

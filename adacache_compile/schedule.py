@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from adacache_compile.config import AdaCacheConfig
 
-__all__ = ["StepMetrics", "StepRecord", "Schedule"]
+__all__ = ["StepMetrics", "StepRecord", "StepSchedule", "Schedule", "make_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,17 @@ class StepMetrics:
         prev_norm: ||r_prev||_p.
         motion: per MoReg stride k, (num, den) = (||r[k:] - r[:-k]||_1, ||r[k:]||_1 + ||r[:-k]||_1) along the frame
             axis; empty when MoReg is off.
+        delta_error: for :class:`~adacache_compile.config.GapPolicy`: relative L1 error of the forecast of this
+            step's fused deltas from the earlier computed steps, ``sum ||D - D_hat||_1 / sum ||D||_1`` over the
+            streams; None when nothing earlier is cached or the policy does not read it.
+        delta_error_order: the order that forecast had (fewer earlier steps than ``forecast_order + 1`` lower it).
     """
 
     diff_norm: float
     prev_norm: float
     motion: tuple[tuple[float, float], ...] = ()
+    delta_error: float | None = None
+    delta_error_order: int = 0
 
 
 @dataclass
@@ -56,12 +62,98 @@ class StepRecord:
     nonfinite: bool = False
 
 
-class Schedule:
-    """AdaCache's step schedule for one generation of `num_steps` steps (docs/algorithm.md, "The schedule").
+class StepSchedule:
+    """What every step policy shares: the forced steps, the computed and skipped steps, the records of one
+    generation of ``num_steps`` steps, and how a step is checked. Usage per step i = 1..N: ``if
+    schedule.is_computed(i)``: run the full program, then ``schedule.observe(i, metrics)``; else run the skip program
+    and ``schedule.mark_skipped(i)``.
 
-    Usage per step i = 1..N: `if schedule.is_computed(i)`: run the full program, then `schedule.observe(i, metrics)`;
-    else run the skip program and `schedule.mark_skipped(i)`. Call `reset()` (or build a new Schedule) before the
-    next generation.
+    A policy that decides from the step's own input (``needs_input``) is told it with :meth:`see_input` before
+    :meth:`is_computed`; one that reads the forecast error of the fused delta (``needs_delta_error``) gets it in
+    ``StepMetrics.delta_error``."""
+
+    needs_input = False
+    needs_delta_error = False
+
+    def __init__(self, config: AdaCacheConfig, num_steps: int) -> None:
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+            raise ValueError(f"{type(self).__name__}.num_steps: expected an int >= 1, got {num_steps!r}")
+        self.config = config
+        self.num_steps = num_steps
+        self.forced_steps = config.forced_for(num_steps)
+        self._warned_nonfinite = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new generation: no computed step yet, rate 1, no records."""
+        self.rate = 1
+        self.last_computed = 0
+        self.records: list[StepRecord] = []
+        self.computed_steps: list[int] = []
+        self.skipped_steps: list[int] = []
+        self._force_next = False
+
+    def see_input(self, step: int, change: float | None) -> None:
+        """The relative change of the step's input since the previous step (None on the first step)."""
+
+    def is_computed(self, step: int) -> bool:
+        """Whether 1-based `step` must run the full program."""
+        self._check_step(step)
+        return (
+            not self.config.enabled
+            or self.last_computed == 0
+            or self._force_next
+            or step in self.forced_steps
+            or self._due(step)
+        )
+
+    def _due(self, step: int) -> bool:
+        return step >= self.last_computed + self.rate
+
+    def mark_skipped(self, step: int) -> None:
+        """Record that `step` ran the skip program."""
+        if self.is_computed(step):
+            raise ValueError(
+                f"{type(self).__name__}.mark_skipped: step {step} must be computed (last computed "
+                f"{self.last_computed}, rate {self.rate})"
+            )
+        self.skipped_steps.append(step)
+
+    def _record(self, step: int, record: StepRecord) -> StepRecord:
+        self.rate = record.rate
+        self._force_next = record.nonfinite
+        self.last_computed = step
+        self.computed_steps.append(step)
+        self.records.append(record)
+        return record
+
+    def _check_order(self, step: int) -> None:
+        self._check_step(step)
+        if step <= self.last_computed:
+            raise ValueError(
+                f"{type(self).__name__}.observe: step {step} is not after the last computed step "
+                f"{self.last_computed}; steps must increase within a generation (call reset() between generations, "
+                "and keep one schedule per CFG branch when the pipeline calls the model once per branch)"
+            )
+
+    def _nonfinite(self, step: int, detail: str) -> StepRecord:
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            logger.warning(
+                "AdaCache step %s: metric is not finite (%s); not using it, rate reset to 1 and the next step is "
+                "computed. Further occurrences in this schedule are recorded in stats only.",
+                step,
+                detail,
+            )
+        return StepRecord(step, 1, None, None, None, None, nonfinite=True)
+
+    def _check_step(self, step: int) -> None:
+        if not isinstance(step, int) or isinstance(step, bool) or not 1 <= step <= self.num_steps:
+            raise ValueError(f"{type(self).__name__}: step must be an int in 1..{self.num_steps}, got {step!r}")
+
+
+class Schedule(StepSchedule):
+    """AdaCache's step schedule for one generation of `num_steps` steps (docs/algorithm.md, "The schedule").
 
     Interpretation of the reference rule:
     - On the first computed step there is no r_prev: no metric, no MoReg evaluation, m_prev stays 1 and the rate
@@ -78,72 +170,30 @@ class Schedule:
     """
 
     def __init__(self, config: AdaCacheConfig, num_steps: int) -> None:
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"Schedule.num_steps: expected an int >= 1, got {num_steps!r}")
-        self.config = config
-        self.num_steps = num_steps
-        self.forced_steps = config.forced_for(num_steps)
         self.moreg_window = None if config.moreg is None else config.moreg.window_for(num_steps)
         self._thresholds = [threshold for threshold, _ in config.codebook]
         self._rates = [rate for _, rate in config.codebook]
         self._first_rate = config.resolved_first_rate()
-        self._warned_nonfinite = False
-        self.reset()
+        super().__init__(config, num_steps)
 
     def reset(self) -> None:
         """Start a new generation: no computed step yet, rate 1, m_prev 1, no records."""
-        self.rate = 1
-        self.last_computed = 0
-        self.records: list[StepRecord] = []
-        self.computed_steps: list[int] = []
-        self.skipped_steps: list[int] = []
+        super().reset()
         self._moreg_prev = 1.0
-        self._force_next = False
-
-    def is_computed(self, step: int) -> bool:
-        """Whether 1-based `step` must run the full program."""
-        self._check_step(step)
-        return (
-            not self.config.enabled
-            or self.last_computed == 0
-            or self._force_next
-            or step in self.forced_steps
-            or step >= self.last_computed + self.rate
-        )
 
     def observe(self, step: int, metrics: StepMetrics | None) -> StepRecord:
         """Apply the rule to the metrics of computed step `step` and return what it decided.
 
         ``metrics=None`` means there is no previous tap to compare with (its cache was dropped, e.g. after an input
         change mid-generation): like the first computed step, the rate goes back to 1 and nothing is measured."""
-        self._check_step(step)
-        if step <= self.last_computed:
-            raise ValueError(
-                f"Schedule.observe: step {step} is not after the last computed step {self.last_computed}; "
-                "steps must increase within a generation (call reset() between generations, and keep one Schedule "
-                "per CFG branch when the pipeline calls the model once per branch)"
-            )
+        self._check_order(step)
         if self.last_computed == 0 or metrics is None:
             # Nothing measured: the first computed step sets first_rate (1 in the reference), a step after a dropped
             # cache goes back to 1.
             record = StepRecord(step, self._first_rate if self.last_computed == 0 else 1, None, None, None, None)
         else:
             record = self._decide(step, metrics)
-        self.rate = record.rate
-        self._force_next = record.nonfinite
-        self.last_computed = step
-        self.computed_steps.append(step)
-        self.records.append(record)
-        return record
-
-    def mark_skipped(self, step: int) -> None:
-        """Record that `step` ran the skip program."""
-        if self.is_computed(step):
-            raise ValueError(
-                f"Schedule.mark_skipped: step {step} must be computed (last computed {self.last_computed},"
-                f" rate {self.rate})"
-            )
-        self.skipped_steps.append(step)
+        return self._record(step, record)
 
     def _decide(self, step: int, metrics: StepMetrics) -> StepRecord:
         rate_in_force = self.rate
@@ -193,17 +243,12 @@ class Schedule:
             ratios.append(num / den)
         return sum(ratios) / len(ratios)
 
-    def _nonfinite(self, step: int, detail: str) -> StepRecord:
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            logger.warning(
-                "AdaCache step %s: metric is not finite (%s); not using it, rate reset to 1 and the next step is "
-                "computed. Further occurrences in this schedule are recorded in stats only.",
-                step,
-                detail,
-            )
-        return StepRecord(step, 1, None, None, None, None, nonfinite=True)
 
-    def _check_step(self, step: int) -> None:
-        if not isinstance(step, int) or isinstance(step, bool) or not 1 <= step <= self.num_steps:
-            raise ValueError(f"Schedule: step must be an int in 1..{self.num_steps}, got {step!r}")
+def make_schedule(config: AdaCacheConfig, num_steps: int) -> StepSchedule:
+    """The schedule of ``config``'s policy for one generation: the AdaCache rule (:class:`Schedule`) or one of
+    :mod:`adacache_compile.policies`."""
+    if config.policy is None:
+        return Schedule(config, num_steps)
+    from .policies import POLICY_SCHEDULES
+
+    return POLICY_SCHEDULES[config.policy.kind](config, num_steps)

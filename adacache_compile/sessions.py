@@ -15,6 +15,7 @@ cached deltas and tap. :class:`Sessions` routes each call to one, in this order 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -26,14 +27,17 @@ from typing import Any
 import torch
 
 from .config import AdaCacheConfig
-from .schedule import Schedule
+from .errors import AdaCacheError
+from .schedule import StepSchedule, make_schedule
 
-__all__ = ["Session", "Sessions", "UNKNOWN_NUM_STEPS"]
+__all__ = ["Session", "Sessions", "UNKNOWN_NUM_STEPS", "HISTORY_LIMIT"]
 
 logger = logging.getLogger(__name__)
 
 # Stand-in for N when nothing tells it: forced steps N-1 and N are then never reached.
 UNKNOWN_NUM_STEPS = 1_000_000
+# Finished generations kept in ``stats["history"]`` (the newest): a server's state stays bounded.
+HISTORY_LIMIT = 64
 
 
 @dataclass
@@ -44,13 +48,14 @@ class Session:
 
     name: str
     num_steps: int
-    schedule: Schedule
+    schedule: StepSchedule
     step: int = 0
     delta_history: list[tuple[int, tuple[torch.Tensor, ...]]] = field(
         default_factory=list
     )  # (step, deltas), newest 1st
     tap_history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, tap), newest first
     input_key: tuple | None = None
+    previous_input: torch.Tensor | None = None  # the latent input of the last step (policies that read it)
     last_timestep: float | None = None
     last_step_index: int | None = None
     pipeline_num_steps: int | None = None  # N the pipeline announced (cache_context), when it differs from num_steps
@@ -70,7 +75,8 @@ class Session:
         return self.tap_history[0][1] if self.tap_history else None
 
     def _cached_tensors(self) -> list[torch.Tensor]:
-        return [t for _, deltas in self.delta_history for t in deltas] + [t for _, t in self.tap_history]
+        tensors = [t for _, deltas in self.delta_history for t in deltas] + [t for _, t in self.tap_history]
+        return tensors if self.previous_input is None else [*tensors, self.previous_input]
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._cached_tensors())
@@ -79,6 +85,7 @@ class Session:
         self.delta_history = []
         self.tap_history = []
         self.input_key = None
+        self.previous_input = None
 
     def stats(self) -> dict[str, Any]:
         sched = self.schedule
@@ -111,11 +118,14 @@ class Sessions:
     ``config`` and ``num_steps`` (N when no pipeline or ``generation()`` tells it) are read when a session starts, so
     the owner may change them between generations."""
 
-    def __init__(self, config: AdaCacheConfig, num_steps: int | None = None):
+    def __init__(self, config: AdaCacheConfig, num_steps: int | None = None, history_limit: int = HISTORY_LIMIT):
         self.config = config
         self.num_steps = num_steps
         self._live: dict[str, Session] = {}
-        self._history: list[tuple[str, dict]] = []
+        self._history: collections.deque[dict] = collections.deque(maxlen=history_limit)
+        self.generations_finished = 0  # every finished session ever, also those history no longer holds
+        self.announced_timesteps: list[float] | None = None  # the pipeline's whole schedule (apply(), see tail_steps)
+        self._unnamed: tuple[float | None, int] | None = None  # (timestep, calls at it) of the last context-less call
         self._ctx = _Context()
         self._generations: dict[int, Session] = {}  # the sessions of the generation() blocks running, by id
         self._lock = threading.RLock()
@@ -164,6 +174,7 @@ class Sessions:
             for session in self._live.values():
                 self._retire(session)
             self._live.clear()
+            self._unnamed = None
             for session in self._generations.values():
                 self._restart(session)
 
@@ -182,17 +193,54 @@ class Sessions:
         with self._lock:
             if ctx.step_index is not None:
                 return self._for_pipeline_step(name, ctx.step_index, ctx.num_steps or self.num_steps)
-            session = self._live.get(name)
             timestep = timestep()
+            if ctx.name is None:
+                name = self._unnamed_branch(timestep)
+            session = self._live.get(name)
             starts_new = (
                 session is None
                 or session.step >= session.num_steps
                 or (timestep is not None and session.last_timestep is not None and timestep > session.last_timestep)
             )
             if starts_new:
-                session = self._replace(name, session, None)
+                session = self._replace(name, session, self.tail_steps(timestep))
             session.last_timestep = timestep
             return session
+
+    def _unnamed_branch(self, timestep: float | None) -> str:
+        """The session name of a call without any context: ``"default"``, or for the k-th call in a row at one
+        timestep ``"default#k"`` — the k-th branch of that step (a pipeline that calls the model once per CFG branch
+        without ``cache_context``, as diffusers' video-to-video Wan does). That reading needs the pipeline's schedule
+        (``announce_timesteps``) with every timestep once; otherwise a repeated timestep could as well be the next
+        step, and the call is refused."""
+        last = self._unnamed
+        if timestep is None or last is None or timestep != last[0]:
+            self._unnamed = (timestep, 1)
+            return "default"
+        announced = self.announced_timesteps
+        if not announced or len(announced) < 2 or len(set(announced)) != len(announced):
+            raise AdaCacheError(
+                f"a second call at timestep {timestep:g} without a cache_context() or generation(): is it the next "
+                "step, or another branch (e.g. the unconditional call of CFG) of the same step? Each branch needs its "
+                "own cached state: run each generation inside `with cached.generation(num_steps=N):` with one call "
+                "per step (batched CFG), wrap each branch's calls in `with cached.cache_context('cond')` / "
+                "`('uncond')`, or keep one `cached.new_session(N)` per branch and call `cached.step(session, ...)`"
+            )
+        self._unnamed = (timestep, last[1] + 1)
+        return f"default#{last[1] + 1}"
+
+    def tail_steps(self, timestep: float | None) -> int | None:
+        """How many calls are left of the schedule a pipeline announced (``announced_timesteps``, from its
+        scheduler's ``set_timesteps``) when a generation starts at ``timestep``: a video-to-video (``strength``)
+        pipeline runs only the tail of its schedule, from the step whose timestep its first call carries. None when
+        nothing was announced or the timestep is not in it (then N is ``num_steps``)."""
+        announced = self.announced_timesteps
+        if not announced or timestep is None:
+            return None
+        index = min(range(len(announced)), key=lambda i: abs(announced[i] - timestep))
+        if abs(announced[index] - timestep) > 1e-4 * max(1.0, abs(timestep)):
+            return None
+        return len(announced) - index
 
     def _for_pipeline_step(self, name: str, step_index: int, n: int | None) -> Session:
         session = self._live.get(name)
@@ -235,10 +283,11 @@ class Sessions:
 
     def _retire(self, session: Session) -> None:
         if session.schedule.computed_steps or session.schedule.skipped_steps:
-            self._history.append((session.name, session.stats()))
+            self.generations_finished += 1
+            self._history.append({"branch": session.name, "generation": self.generations_finished, **session.stats()})
         session.clear_cache()
 
-    def _schedule(self, num_steps: int | None, name: str) -> Schedule:
+    def _schedule(self, num_steps: int | None, name: str) -> StepSchedule:
         config = self.config
         if num_steps is None and config.moreg is not None and not all(isinstance(e, int) for e in config.moreg.window):
             if not self._warned_moreg_without_n:
@@ -251,11 +300,23 @@ class Sessions:
                     list(config.moreg.window),
                 )
             config = dataclasses.replace(config, moreg=None)
-        return Schedule(config, num_steps or UNKNOWN_NUM_STEPS)
+        return make_schedule(config, num_steps or UNKNOWN_NUM_STEPS)
 
     # --- stats -----------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Per branch: the live sessions, plus finished generations under ``history``."""
         with self._lock:
             live = {name: s.stats() for name, s in self._live.items()}
-            return {**live, "history": [{"branch": name, **st} for name, st in self._history]}
+            return {**live, "history": [dict(entry) for entry in self._history]}
+
+    def history_since(self, generation: int) -> list[dict]:
+        """The finished sessions after the ``generation``-th (``generations_finished`` read earlier), oldest first;
+        ValueError when some of them have already left the bounded history."""
+        with self._lock:
+            missing = self.generations_finished - generation - len(self._history)
+            if missing > 0:
+                raise ValueError(
+                    f"history_since({generation}): {missing} of the sessions finished since then have left the "
+                    f"history (it keeps the newest {self._history.maxlen}); read it more often"
+                )
+            return [entry for entry in self._history if entry["generation"] > generation]

@@ -100,6 +100,10 @@ class ExportedEntry:
     region_fraction: float
     serial: int = field(default_factory=next_serial)
 
+    @property
+    def input_names(self) -> list[str]:
+        return self.captured.input_names
+
 
 class ExportedCapture:
     """The capture source of an exported runtime: one fixed capture, no re-capture, no source model to fall back
