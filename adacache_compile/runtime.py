@@ -128,6 +128,23 @@ class ProgramRuntime(torch.nn.Module):
         """Explicit session API: pass it to :meth:`step`."""
         return self._sessions.new_session(num_steps, name)
 
+    @contextlib.contextmanager
+    def recording(self, samples: int = 16384):
+        """Inside, every session keeps per computed step the latent input's change and a fixed sample of
+        ``samples`` elements of each fused delta (what :mod:`adacache_compile.calibration` simulates policies on);
+        yields a list that receives ``(generation, branch, [StepSample, ...])`` of each finished session."""
+        taken: list = []
+        self._sessions.start_recording(samples)
+        try:
+            yield taken
+        finally:
+            self._sessions.reset()
+            taken.extend(self._sessions.take_recordings(stop=True))
+
+    def take_recordings(self) -> list:
+        """The recordings of sessions finished since the last call (inside :meth:`recording`)."""
+        return self._sessions.take_recordings()
+
     def announce_timesteps(self, timesteps) -> None:
         """A pipeline's whole schedule, before its loop (``apply()`` calls this from the scheduler's
         ``set_timesteps``): the next generations have ``len(timesteps)`` steps, or the tail from the step whose

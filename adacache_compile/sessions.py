@@ -30,7 +30,7 @@ from .config import AdaCacheConfig
 from .errors import AdaCacheError
 from .schedule import StepSchedule, make_schedule
 
-__all__ = ["Session", "Sessions", "UNKNOWN_NUM_STEPS", "HISTORY_LIMIT"]
+__all__ = ["Session", "Sessions", "StepSample", "UNKNOWN_NUM_STEPS", "HISTORY_LIMIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ logger = logging.getLogger(__name__)
 UNKNOWN_NUM_STEPS = 1_000_000
 # Finished generations kept in ``stats["history"]`` (the newest): a server's state stays bounded.
 HISTORY_LIMIT = 64
+
+
+@dataclass
+class StepSample:
+    """What a recording (:meth:`Sessions.start_recording`) keeps of one computed step: the relative change of the
+    latent input since the previous step and a fixed strided sample of the fused deltas (every stream, concatenated;
+    float32 on the CPU), from which a calibration simulates any policy and forecast order."""
+
+    step: int
+    input_change: float | None
+    deltas: torch.Tensor
 
 
 @dataclass
@@ -63,6 +74,8 @@ class Session:
     region_fraction: float = 1.0  # share of the blocks the capture's region holds (for block_compute_saved)
     events: list[str] = field(default_factory=list)
     nonfinite_steps: list[int] = field(default_factory=list)
+    recording: list[StepSample] | None = None  # the computed steps' samples, while the module records
+    recording_samples: int = 0  # elements sampled per delta (StepSample.deltas)
 
     @property
     def deltas(self) -> tuple[torch.Tensor, ...] | None:
@@ -126,6 +139,8 @@ class Sessions:
         self.generations_finished = 0  # every finished session ever, also those history no longer holds
         self.announced_timesteps: list[float] | None = None  # the pipeline's whole schedule (apply(), see tail_steps)
         self._unnamed: tuple[float | None, int] | None = None  # (timestep, calls at it) of the last context-less call
+        self.recording_samples: int | None = None  # elements sampled per delta while recording (None: not recording)
+        self.recordings: list[tuple[int, str, list[StepSample]]] = []  # (generation, branch, samples) finished
         self._ctx = _Context()
         self._generations: dict[int, Session] = {}  # the sessions of the generation() blocks running, by id
         self._lock = threading.RLock()
@@ -165,7 +180,29 @@ class Sessions:
 
     def new_session(self, num_steps: int | None, name: str = "session") -> Session:
         n = num_steps or self.num_steps
-        return Session(name=name, num_steps=n or UNKNOWN_NUM_STEPS, schedule=self._schedule(n, name))
+        session = Session(name=name, num_steps=n or UNKNOWN_NUM_STEPS, schedule=self._schedule(n, name))
+        self._arm_recording(session)
+        return session
+
+    def _arm_recording(self, session: Session) -> None:
+        session.recording = [] if self.recording_samples else None
+        session.recording_samples = self.recording_samples or 0
+
+    def start_recording(self, samples: int) -> None:
+        """Sessions started from now on keep a :class:`StepSample` per computed step (``samples`` elements of
+        each fused delta); finished ones go to :attr:`recordings`, read by :meth:`take_recordings`."""
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"start_recording(samples={samples!r}): expected an int >= 1")
+        with self._lock:
+            self.recording_samples = samples
+
+    def take_recordings(self, stop: bool = False) -> list[tuple[int, str, list[StepSample]]]:
+        """The recordings of the sessions finished since the last call, and forget them; ``stop`` ends recording."""
+        with self._lock:
+            taken, self.recordings = self.recordings, []
+            if stop:
+                self.recording_samples = None
+            return taken
 
     def reset(self) -> None:
         """Every session starts clean (diffusers' reset contract): the live branches are retired and every running
@@ -285,6 +322,9 @@ class Sessions:
         if session.schedule.computed_steps or session.schedule.skipped_steps:
             self.generations_finished += 1
             self._history.append({"branch": session.name, "generation": self.generations_finished, **session.stats()})
+            if session.recording:
+                self.recordings.append((self.generations_finished, session.name, session.recording))
+        self._arm_recording(session)
         session.clear_cache()
 
     def _schedule(self, num_steps: int | None, name: str) -> StepSchedule:

@@ -20,7 +20,7 @@ from .forecast import extrapolation_weights, forecast
 from .parallel import reduce_metrics
 from .programs import MetricValues, Programs
 from .schedule import StepMetrics
-from .sessions import Session
+from .sessions import Session, StepSample
 
 __all__ = ["StepPrograms", "run_step", "read_metrics", "next_serial", "LATENT_NAMES"]
 
@@ -85,6 +85,18 @@ def input_change(session: Session, latent: torch.Tensor) -> float | None:
     return sums[0] / sums[1] if sums[1] > 0 else float("inf")
 
 
+def sample_deltas(deltas, samples: int) -> torch.Tensor:
+    """A fixed strided sample of at most ``samples`` elements of each delta, concatenated, float32 on the CPU: the
+    same elements on every step of a generation (the strides depend only on the shapes), so forecasts and their
+    errors can be computed on the samples as on the deltas."""
+    parts = []
+    for delta in deltas:
+        flat = delta.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        parts.append(flat[::stride][:samples].float())
+    return torch.cat(parts).cpu()
+
+
 def delta_error_sums(deltas, history, step: int, order: int) -> tuple[torch.Tensor, int]:
     """``([sum ||D - D_hat||_1, sum ||D||_1] over the streams, the forecast's order)``: how far this step's fused
     deltas are from their forecast at ``order`` from the earlier computed steps ``history`` ((step, deltas), newest
@@ -114,9 +126,11 @@ def run_step(session: Session, entry: StepPrograms, inputs: list[torch.Tensor]) 
         session.events.append(f"step {step}: input signature changed mid-generation; computing in full")
         logger.warning("session %r step %d: input signature changed; recomputing", session.name, step)
         session.clear_cache()
-    if sched.needs_input:
-        index = latent_index(entry.input_names, sched.policy.input)
-        sched.see_input(step, input_change(session, inputs[index]))
+    change = None
+    if sched.needs_input or session.recording is not None:
+        policy = getattr(sched, "policy", None)
+        change = input_change(session, inputs[latent_index(entry.input_names, getattr(policy, "input", None))])
+        sched.see_input(step, change)
     if session.deltas is not None and not session.force_next and not sched.is_computed(step):
         sched.mark_skipped(step)
         history = session.delta_history
@@ -152,6 +166,8 @@ def run_step(session: Session, entry: StepPrograms, inputs: list[torch.Tensor]) 
     if sched.observe(step, metrics).nonfinite:
         _nonfinite(session, step, "the metric is NaN/Inf", warn=False)
         return result.outputs
+    if session.recording is not None:
+        session.recording.append(StepSample(step, change, sample_deltas(result.deltas, session.recording_samples)))
     if step >= session.num_steps:
         session.clear_cache()  # the generation is over; free its buffers
         return result.outputs
