@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .serving import command as serve_command
+
 __all__ = ["COMMANDS", "Command", "build_model", "build_parser", "main", "model_names"]
 
 logger = logging.getLogger(__name__)
@@ -531,6 +533,7 @@ COMMANDS: list[Command] = [
     Command("export", _add_export_arguments, _run_export, "onnx"),
     Command("check-trt", _add_check_trt_arguments, _run_check_trt, "onnx"),
     Command("build-engines", _add_build_engines_arguments, _run_build_engines, "tensorrt"),
+    Command("serve", serve_command.add_arguments, serve_command.run, "serve"),
 ]
 
 
