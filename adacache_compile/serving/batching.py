@@ -62,6 +62,7 @@ class BatchCounters:
     gathered: int = 0  # calls over those steps
     union_promoted: int = 0  # skip calls run in full by union decisions
     retried_alone: int = 0  # calls re-run alone after their batch failed
+    largest: int = 0  # the most rows one program call took
 
     def count_step(self, calls: list[ProgramCall]) -> None:
         self.steps += 1
@@ -70,7 +71,9 @@ class BatchCounters:
     def count(self, kind: str, calls: list[ProgramCall]) -> None:
         self.program_calls[kind] += 1
         self.calls[kind] += len(calls)
-        self.rows[kind] += sum(c.rows for c in calls)
+        rows = sum(c.rows for c in calls)
+        self.rows[kind] += rows
+        self.largest = max(self.largest, rows)
 
     def as_dict(self) -> dict[str, Any]:
         mean = {k: (self.calls[k] / self.program_calls[k] if self.program_calls[k] else 0.0) for k in (FULL, SKIP)}
@@ -80,6 +83,7 @@ class BatchCounters:
             "program_calls": dict(self.program_calls),
             "calls": dict(self.calls),
             "rows": dict(self.rows),
+            "largest_rows": self.largest,
             "mean_calls_per_program_call": mean,
             "union_promoted": self.union_promoted,
             "retried_alone": self.retried_alone,
