@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "export) instead of capturing the model; exported with a batch range as large as --max-rows",
     )
     source.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"), help="for --export")
+    source.add_argument(
+        "--pipeline-arg",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="another argument of every pipeline call (e.g. max_sequence_length=226)",
+    )
     source.add_argument("--device", default="cpu")
     source.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (pipeline; default: as saved)")
     configs = parser.add_argument_group("configs")
@@ -81,11 +88,13 @@ def build_service(args: argparse.Namespace):
     if args.pipeline is not None and args.testbed is not None:
         raise SystemExit("error: serve a pipeline directory or a --testbed, not both")
     if args.pipeline is not None:
+        from ..cli import _pipeline_args  # the --pipeline-arg parsing of the other subcommands
         from ..model_spec import load_pipeline, parse_dtype
 
         print(f"loading {args.pipeline} ...", file=sys.stderr)
         pipe = load_pipeline(args.pipeline, device=args.device, dtype=parse_dtype(args.dtype))
-        model, generator = pipe.transformer, PipelineGenerator(pipe, Path(args.pipeline).name)
+        call_args = _pipeline_args(args.pipeline_arg)
+        model, generator = pipe.transformer, PipelineGenerator(pipe, Path(args.pipeline).name, call_args)
     else:
         from ..testbed import load_testbed
 

@@ -29,7 +29,7 @@ from ..config import AdaCacheConfig
 from ..errors import AdaCacheError
 from ..runtime import ProgramRuntime
 from ..sessions import Session, Sessions
-from ..step import latent_index, run_step
+from ..step import latent_index, next_serial, run_step
 from .batching import BatchCounters, ProgramCall, group_calls, rebuild_call, run_calls
 from .rows import CallLayout, RowEntry, RowPrograms
 
@@ -137,6 +137,7 @@ class BatchedTransformer(torch.nn.Module):
         self._names = itertools.count(1)
         self._lookup_lock = threading.Lock()
         self._row_programs: dict[tuple[int, int], RowPrograms] = {}
+        self._model_serial = next_serial()  # renewed when the model changes (rows.RowEntry.serial)
         self.counters = BatchCounters()
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="adacache-batcher", daemon=True)
@@ -249,10 +250,10 @@ class BatchedTransformer(torch.nn.Module):
         if session.step == 0:
             with self._lookup_lock:
                 if captures.refresh():  # the model changed since capture (LoRA, dtype, ...): capture anew
+                    self._model_serial = next_serial()
                     entry, inputs = captures.lookup(args, kwargs, self.runtime.adacache_config)
-        row = RowEntry(
-            self, entry, self._programs_for(entry, request.config), self._layout(entry, inputs, args, kwargs), request
-        )
+        programs = self._programs_for(entry, request.config)
+        row = RowEntry(self, entry, programs, self._layout(entry, inputs, args, kwargs), request, self._model_serial)
         with torch.no_grad():
             return entry.captured.unflatten(run_step(session, row, inputs))
 

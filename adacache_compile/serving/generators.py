@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,13 +142,24 @@ class PipelineGenerator:
     """A diffusers pipeline (``DiffusionPipeline.from_pretrained`` of a ``save_pretrained`` directory): text encoder
     and VAE shared, a shallow copy per request with its own scheduler and the batched transformer, whose scheduler
     tells the request its step count (as :func:`adacache_compile.apply` does). Pipelines that call the transformer
-    once per CFG branch name the branches with ``cache_context`` (Wan, HunyuanVideo): each gets its own session."""
+    once per CFG branch name the branches with ``cache_context`` (Wan, HunyuanVideo): each gets its own session.
+    ``call_args``: more arguments of every pipeline call (``max_sequence_length``, ...).
+
+    The other modules (VAE, text encoders) are shared, one call at a time: some keep state inside a call (Wan's VAE
+    caches its causal convolutions' features on itself while it decodes), so two requests decoding at once would
+    mix their videos."""
 
     kind = "pipeline"
 
-    def __init__(self, pipe, name: str = "pipeline"):
+    def __init__(self, pipe, name: str = "pipeline", call_args: dict[str, Any] | None = None):
         self.pipe = pipe
         self.name = name
+        self.call_args = dict(call_args or {})
+        self._shared = {
+            attribute: _OneCallAtATime(module)
+            for attribute, module in getattr(pipe, "components", {}).items()
+            if isinstance(module, torch.nn.Module) and attribute not in ("transformer", "transformer_2")
+        }
         self.device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
 
     def check(self, spec: GenerationSpec) -> GenerationSpec:
@@ -177,7 +189,10 @@ class PipelineGenerator:
         # object.__setattr__: DiffusionPipeline.__setattr__ would rewrite the shared config.
         object.__setattr__(pipe, "scheduler", scheduler)
         object.__setattr__(pipe, "transformer", transformer)
+        for attribute, shared in self._shared.items():
+            object.__setattr__(pipe, attribute, shared)
         call: dict[str, Any] = {
+            **self.call_args,
             "prompt": spec.prompt,
             "num_inference_steps": spec.steps,
             "generator": torch.Generator(device="cpu").manual_seed(spec.seeds[0]),
@@ -189,3 +204,28 @@ class PipelineGenerator:
                 call[name] = value
         frames = pipe(**call).frames  # [B, F, C, H, W] in [0, 1]
         return frames.permute(0, 2, 1, 3, 4).float() * 2.0 - 1.0
+
+
+class _OneCallAtATime:
+    """A pipeline module shared by concurrent requests: its calls and method calls run one at a time (one lock);
+    attribute reads (``config``, ``dtype``) pass through."""
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._module, name)
+        if not callable(value) or isinstance(value, (type, torch.nn.Module)):
+            return value
+
+        @functools.wraps(value)
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked

@@ -92,17 +92,18 @@ class CallLayout:
 @dataclass
 class RowEntry:
     """One call of one request, as the step's :class:`~adacache_compile.step.StepPrograms`: the capture that serves
-    it (``entry``) seen through the request's :class:`RowPrograms`; its programs run in the engine's batches."""
+    it (``entry``) seen through the request's :class:`RowPrograms`; its programs run in the engine's batches.
+
+    ``serial`` (what a session's cache is keyed by) names the model state, not the capture: a torch runtime captures
+    anew for a batch size its captures do not take (a batch-static capture of one row, then a batched call), and
+    every capture of one model computes the same deltas, so a request's cache stays valid across them."""
 
     engine: BatchedTransformer
     entry: Any  # CompiledEntry or ExportedEntry
     programs: RowPrograms
     layout: CallLayout
     request: Any  # engine.Request
-
-    @property
-    def serial(self) -> int:
-        return self.entry.serial
+    serial: int
 
     @property
     def region_fraction(self) -> float:
