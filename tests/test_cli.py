@@ -14,7 +14,7 @@ from adacache_compile import AdaCacheConfig
 from adacache_compile.cli import COMMANDS, build_model, main
 from adacache_compile.testbed import CHECKPOINT_DIR
 
-SUBCOMMANDS = ["inspect", "demo", "calibrate", "export", "check-trt", "build-engines"]
+SUBCOMMANDS = ["inspect", "demo", "calibrate", "export", "check-trt", "build-engines", "serve"]
 needs_checkpoint = pytest.mark.skipif(
     not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="testbed checkpoint not shipped in this tree"
 )
