@@ -102,7 +102,7 @@ class BatchedTransformer(torch.nn.Module):
     ``runtime``: a ``CachedTransformer`` (``adacache_compile.optimize``) or an exported runtime
     (``adacache_compile.load``); its config decides what the programs compute (region, tap, norm order), the
     requests' configs everything else. ``max_rows``: rows per program call at most (an exported runtime's batch
-    profile may allow fewer, see :meth:`row_limit`). ``window_s``: how long a call waits for the others.
+    profile may allow fewer, see :func:`row_limit`). ``window_s``: how long a call waits for the others.
     ``union``: one decision per batch instead of one per request (a batch computes when any request computes; the
     comparator of ``benchmarks/batch_serving.py``: each request's session still follows its own schedule, the skip
     rows of a computing batch just run in full)."""
@@ -321,10 +321,10 @@ class BatchedTransformer(torch.nn.Module):
                 return None
             deadline = self._pending[0].arrived + self.window_s
             while not self._closed:
-                expected = sum(1 for r in self._requests.values() if r.expects_call)
-                waiting = {id(c.row.request) for c in self._pending}
+                expected = {r.name for r in self._requests.values() if r.expects_call}
+                waiting = {c.row.request.name for c in self._pending}
                 remaining = deadline - time.monotonic()
-                if len(waiting) >= expected or sum(c.rows for c in self._pending) >= self.max_rows or remaining <= 0:
+                if expected <= waiting or sum(c.rows for c in self._pending) >= self.max_rows or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             calls, self._pending = self._pending, []
