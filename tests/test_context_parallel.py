@@ -46,7 +46,9 @@ POLICIES = {
     "gap": AdaCacheConfig(policy=GapPolicy(tolerance=1.0, max_gap=3), forced_steps=(1, -1)),
     "input": AdaCacheConfig(policy=InputPolicy(threshold=1.0, max_skips=2), forced_steps=(1, -1)),
 }
-ATOL = 1e-4  # relative to the output's scale
+# Relative to the output's scale: gloo all-to-alls split the attention's float32 sums differently from one process
+# (1e-6 per call), and the loops feed every output back for 8 steps.
+ATOL = 1e-4
 
 
 def _inputs(family: str) -> dict:
