@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from adacache_compile import AdaCacheConfig, AdaCacheError, optimize  # noqa: E402
+from adacache_compile.config import GapPolicy, InputPolicy  # noqa: E402
 from adacache_compile.parallel import context_parallel_of, reduce_metrics  # noqa: E402
 from adacache_compile.schedule import Schedule, StepMetrics  # noqa: E402
 from adacache_compile.testbed.tiny_models import tiny_model  # noqa: E402
@@ -38,7 +39,16 @@ SKIPPING = AdaCacheConfig(codebook=((10.0, 3),))
 # For the uneven-shards generation: rank 0's own metric (about 0.2) would pick rate 3, rank 1's (about 0.4) rate 2.
 GRADED = AdaCacheConfig(codebook=((0.25, 3), (0.5, 2), (100.0, 1)))
 FAMILIES = ("wan", "ltx")
-ATOL = 1e-4  # relative to the output's scale
+# The step policies on the same (order-0) programs: the gap policy reads the fused delta's forecast error, whose
+# norms are sums over each rank's shard (reduced with the metrics); the input policy reads the model's input, which
+# every rank holds whole.
+POLICIES = {
+    "gap": AdaCacheConfig(policy=GapPolicy(tolerance=1.0, max_gap=3), forced_steps=(1, -1)),
+    "input": AdaCacheConfig(policy=InputPolicy(threshold=1.0, max_skips=2), forced_steps=(1, -1)),
+}
+# Relative to the output's scale: gloo all-to-alls split the attention's float32 sums differently from one process
+# (1e-6 per call), and the loops feed every output back for 8 steps.
+ATOL = 1e-4
 
 
 def _inputs(family: str) -> dict:
@@ -137,6 +147,10 @@ def _scenarios(rank: int, out_dir: str) -> None:
             result[f"{family}/single"] = dict(outputs=outputs, cache_bytes=cache_bytes, **_history(reference))
             reference.use_config(GRADED)
             result[f"{family}/single_uneven"] = dict(outputs=_generate(reference, family, uneven=True)[0])
+            for name, config in POLICIES.items():
+                reference.use_config(config)
+                outputs, _ = _generate(reference, family, uneven=True)
+                result[f"{family}/single_{name}"] = dict(outputs=outputs, **_history(reference))
     for family in FAMILIES:
         model = tiny_model(family)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
@@ -152,6 +166,11 @@ def _scenarios(rank: int, out_dir: str) -> None:
         spy = entry.run_full = _MetricSpy(entry.run_full)
         outputs, _ = _generate(cached, family, uneven=True)
         result[f"{family}/uneven"] = dict(outputs=outputs, local_metrics=spy.vectors, **_history(cached))
+        entry.run_full = spy.run_full
+        for name, config in POLICIES.items():
+            cached.use_config(config)
+            outputs, _ = _generate(cached, family, uneven=True)
+            result[f"{family}/{name}"] = dict(outputs=outputs, **_history(cached))
         if rank == 0 and family == "wan":  # MoReg cannot be measured on sequence shards: refused at capture
             try:
                 optimize(model, "fast-30+moreg", example_inputs=dict(_inputs(family), timestep=torch.tensor([999.0])))
@@ -243,6 +262,22 @@ def test_uneven_shards_give_every_rank_the_same_decisions(ranks, family):
     assert runs[0]["records"] == runs[1]["records"]
     assert runs[0]["skipped_steps"], "the schedule never skipped: the test would not exercise the skip program"
     _assert_video_close(runs[0]["outputs"], _single(ranks, family, "single_uneven")["outputs"])
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_step_policies_decide_the_same_on_every_rank_with_uneven_shards(ranks, family, policy):
+    runs = [rank[f"{family}/{policy}"] for rank in ranks]
+    single = _single(ranks, family, f"single_{policy}")
+    assert runs[0]["computed_steps"] == runs[1]["computed_steps"] == single["computed_steps"]
+    assert runs[0]["records"] == runs[1]["records"]
+    assert runs[0]["skipped_steps"], f"{policy}: never skipped; the test would not exercise the skip program"
+    if policy == "gap":  # the error the controller read is the global one (summed norms), on every rank
+        for got, want in zip(runs[0]["records"], single["records"]):
+            assert got["rate"] == want["rate"]
+            if want["metric"] is not None:
+                assert got["metric"] == pytest.approx(want["metric"], rel=1e-4)
+    _assert_video_close(runs[0]["outputs"], single["outputs"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -32,4 +32,6 @@ def test_cuda_graphs_match_eager_over_a_generation(family):
                 x = x - 0.05 * cached(**{**kwargs, "hidden_states": x, "timestep": t})[0]
         results[cuda_graphs] = (x, cached.stats["history"][-1]["computed_steps"])
     assert results[True][1] == results[False][1] == [1, 2, 5, 8, 9, 10]
+    # A CUDA graph replays the same kernels; cuBLAS may pick other algorithms for a captured launch, so the two agree
+    # to float32 rounding (about 1e-6 relative) per step, 1e-4 over a 10-step loop that feeds outputs back.
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-4)

@@ -123,7 +123,11 @@ def test_all_steps_computed_equals_original(pipe, original_video, cached_run):
         cached.adacache_config = saved_config
         object.__setattr__(pipe, "transformer", transformer)
     assert [entry["computed_steps"] for entry in history] == [list(range(1, NUM_STEPS + 1))] * 2
-    torch.testing.assert_close(video, original_video, rtol=0, atol=1e-6)
+    # Not bitwise: the full program writes each region output as input + fused delta (docs/algorithm.md), about one
+    # float32 ulp from the eager model per residual add; over 8 steps of two branches and the VAE decode that grows to
+    # about 1e-6 of the video's [0, 1] range (1.19e-6 measured on one machine, less on another: summation order
+    # differs between CPUs). 1e-5 bounds it on any x86 machine and is still 100x below one skipped step's change.
+    torch.testing.assert_close(video, original_video, rtol=0, atol=1e-5)
 
 
 def test_disabled_config_equals_original_exactly(pipe, original_video):

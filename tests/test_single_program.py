@@ -127,6 +127,8 @@ def test_single_program_under_inductor_matches_eager():
     got = in_generation(compiled, latents, prompt)
     assert compiled.stats["history"][-1]["computed_steps"] == EXPECTED_COMPUTED
     for step, (g, w) in enumerate(zip(got, want), start=1):
+        # Relative to the output's scale: inductor reorders float32 reductions (1e-6 per program call), and a
+        # generation feeds every output back into the next call.
         torch.testing.assert_close(g, w, rtol=0, atol=1e-4 * w.abs().max().item(), msg=f"step {step}")
 
 
