@@ -47,6 +47,7 @@ class TestbedGenerator:
     runtime's profile)."""
 
     kind = "testbed"
+    __test__ = False  # not a pytest test class, whatever its name
 
     def __init__(self, testbed):
         self.testbed = testbed
