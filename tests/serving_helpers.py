@@ -11,11 +11,21 @@ import torch
 
 from adacache_compile.testbed.sample import initial_noise
 
-# A request's video against its solo run through the same engine: the same rows computed inside another batch.
-# float32 matmuls on a batch of other rows may block and accumulate differently (per-row results change in the last
-# bits, more so through oneDNN / MLAS than through a plain loop), and 8-16 DDIM steps carry that on: ~4e-6 seen on
-# this CPU, so 1e-5 of the video's largest value holds on any float32 machine.
+# A request's video against its solo run through the same engine: the same rows computed inside a batch of other
+# rows. A float32 forward's per-row results depend on the batch's row count (the CPU GEMM kernels block and accumulate
+# by it): one testbed step, rows 0:2 alone vs inside 8 rows, differs by 9.3e-7 of its range; 8-14 DDIM steps (CFG
+# 1.5; flow-matching Euler at CFG 3 on ltx-textures) carry that to 2e-6..1.01e-5 of the video's range at the worst
+# element and 4e-7..8e-7 relative L2 (measured on this CPU over mixed batches of varying composition). So: relative
+# L2 within 1e-5 (the target) and every element within 5e-5 of the range, which hold on any float32 machine.
 VIDEO_RTOL = 1e-5
+ELEMENT_RTOL = 5e-5
+
+
+def assert_video_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """``got`` is ``want`` up to the batch's float32 rounding (VIDEO_RTOL, ELEMENT_RTOL)."""
+    relative = float((got - want).norm() / want.norm())
+    worst = float((got - want).abs().max()) / float(want.abs().max())
+    assert relative <= VIDEO_RTOL and worst <= ELEMENT_RTOL, f"{what}: relative L2 {relative:.3g}, worst {worst:.3g}"
 
 
 @dataclass
@@ -122,6 +132,4 @@ def run_together(batched, testbed, jobs: list[Job]) -> list[Outcome]:
 def assert_same_as_solo(together: Outcome, solo: Outcome, what: str) -> None:
     assert together.error is None and solo.error is None, (what, together.error, solo.error)
     assert together.computed == solo.computed, what
-    scale = float(solo.video.abs().max())
-    difference = float((together.video - solo.video).abs().max())
-    assert difference <= VIDEO_RTOL * scale, f"{what}: {difference:.3g} > {VIDEO_RTOL} x {scale:.3g}"
+    assert_video_close(together.video, solo.video, what)

@@ -194,7 +194,8 @@ def _split(tensor: torch.Tensor, calls: list[ProgramCall], total: int, what: str
     if size == 0 or size % total:
         raise AdaCacheError(
             f"batched program call: the {what} has dim 0 of {size}, not a multiple of the batch's {total} rows, so "
-            "it cannot be split per request; this model's outputs are not batch-major (serve it with max_batch=1)"
+            "it cannot be split per request; the model's outputs are not batch-major: each call runs alone (serve it "
+            "with max_rows=1 to skip the failing batched try)"
         )
     per = size // total
     parts = tensor.split([per * c.rows for c in calls])
