@@ -123,16 +123,29 @@ def requests(k: int, mix, smoke: bool) -> list[RequestSpec]:
 
 
 def sequential_round(runtime, workload, specs: list[RequestSpec]) -> dict:
-    start = time.perf_counter()
-    latencies, computed = [], 0
-    for spec in specs:
-        runtime.use_config(spec.config)
-        with runtime.generation(spec.steps):
-            workload.generate(runtime, spec)
-        _sync()
-        latencies.append(time.perf_counter() - start)
-        computed += len(runtime.stats["history"][-1]["computed_steps"])
-    return {"latencies": latencies, "full_share": computed / sum(s.steps for s in specs)}
+    """The requests one after another, in one thread of their own: the batched methods run their programs outside
+    the main thread too (the engine's thread), and on the shared 2-core machine the main thread's OpenMP regions were
+    seen 2-10x slower than a spawned thread's under load, which would favour batching for no reason of its own."""
+    result: dict = {}
+
+    def run() -> None:
+        start = time.perf_counter()
+        latencies, computed = [], 0
+        for spec in specs:
+            runtime.use_config(spec.config)
+            with runtime.generation(spec.steps):
+                workload.generate(runtime, spec)
+            _sync()
+            latencies.append(time.perf_counter() - start)
+            computed += len(runtime.stats["history"][-1]["computed_steps"])
+        result.update(latencies=latencies, full_share=computed / sum(s.steps for s in specs))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError("the sequential round failed (see the thread's traceback above)")
+    return result
 
 
 def batched_round(engine: BatchedTransformer, workload, specs: list[RequestSpec], uncached: bool) -> dict:

@@ -30,13 +30,13 @@ FULL, SKIP = "full", "skip"
 
 @dataclass(eq=False)
 class ProgramCall:
-    """One request's call of the full (``cached``: its ``tap_prev``) or the skip program (``cached``: its combined
-    deltas, one per stream), waiting for its batch."""
+    """One request's call of the full (``cached``: its ``tap_prev``) or the skip program (``cached``: its
+    :class:`~.rows.CachedForecast`), waiting for its batch."""
 
     row: RowEntry
     kind: str
     inputs: tuple[torch.Tensor, ...]
-    cached: tuple[torch.Tensor, ...]
+    cached: tuple
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: tuple | None = None
@@ -154,7 +154,8 @@ def _run_program(engine, kind: str, calls: list[ProgramCall]) -> list[tuple]:
     entry = engine._entry_for(first.row, inputs) if len(calls) > 1 else first.row.entry
     programs = entry.programs
     if kind == SKIP:
-        deltas = tuple(_stack([c.cached[s] for c in calls]) for s in range(len(first.cached)))
+        combined = [c.cached[0].combine() for c in calls]
+        deltas = tuple(_stack([d[s] for d in combined]) for s in range(len(combined[0])))
         weights = [1.0] + [0.0] * programs.forecast_order if programs.forecast_order else None
         outputs = entry.run_skip(*inputs, *programs.skip_cached_inputs([deltas], weights))
         return list(zip(*(_split(t, calls, total, f"skip output {i}") for i, t in enumerate(outputs))))

@@ -33,7 +33,15 @@ from ..step import latent_index, next_serial, run_step
 from .batching import BatchCounters, ProgramCall, group_calls, rebuild_call, run_calls
 from .rows import CallLayout, RowEntry, RowPrograms
 
-__all__ = ["BatchedTransformer", "Request", "DEFAULT_MAX_ROWS", "DEFAULT_WINDOW_S", "REQUEST_HISTORY"]
+__all__ = [
+    "BatchedTransformer",
+    "Request",
+    "check_request_config",
+    "row_limit",
+    "DEFAULT_MAX_ROWS",
+    "DEFAULT_WINDOW_S",
+    "REQUEST_HISTORY",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -118,6 +118,7 @@ class RowEntry:
         return self.engine._submit(self, "full", args[:-1], (args[-1],))
 
     def run_skip(self, *args):
-        """This call's outputs of the skip program, with its own forecast of the cached delta."""
-        cached: CachedForecast = args[-1]
-        return self.engine._submit(self, "skip", args[:-1], cached.combine())
+        """This call's outputs of the skip program, with its own forecast of the cached delta (combined in the
+        engine's thread, with the program calls: on a CPU every thread that runs large tensor ops keeps its own
+        OpenMP team, and teams of several threads contend for the cores)."""
+        return self.engine._submit(self, "skip", args[:-1], (args[-1],))
