@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--max-queue", type=int, default=16, help="more may wait; beyond, requests get HTTP 429")
     server.add_argument("--max-rows", type=int, default=32, help="rows (batch entries) per program call at most")
     server.add_argument("--window-ms", type=float, default=10.0, help="how long a step waits for the other requests")
+    server.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="do not capture the testbed's call with a 2-step generation before "
+        "serving (the first request then waits for the capture)",
+    )
 
 
 def parse_config(spec: str):
@@ -126,6 +132,16 @@ def run(args: argparse.Namespace) -> int:
     except AdaCacheError as e:  # a config the shared programs cannot serve: the message says which and why
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .generators import GenerationSpec, TestbedGenerator
+
+    if isinstance(service.generator, TestbedGenerator) and not args.no_warmup:
+        print("capturing the model with a 2-step generation ...", file=sys.stderr)
+        warmup = service.submit(GenerationSpec(steps=2, seeds=(0,), labels=((0, 0),)))
+        warmup.done.wait()
+        if warmup.error is not None:
+            print(f"error: the warm-up generation failed: {warmup.error}", file=sys.stderr)
+            service.close()
+            return 1
     print(
         f"serving {service.generator.kind} {service.generator.name!r} on http://{args.host}:{args.port} "
         f"(configs: {', '.join(sorted(service.configs))})",
