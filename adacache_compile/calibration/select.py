@@ -6,8 +6,8 @@
    equal an earlier one's on every run is dropped; ``extra`` configs (e.g. shipped presets) join unranked.
 2. The best are measured by a caller-supplied ``evaluate(config) -> (error, computed_fraction[, info])`` (real runs
    on the calibration inputs; lower error is better). With ``diverse=True`` the first measured are the best of each
-   (kind, forecast order) group, groups in the order of their best proxy, so the measurement, not the proxy, decides
-   between policies and orders. The simulation misjudges the real compute by a bias (``measured - predicted``):
+   forecast order, then of each kind, then of each (kind, order) group (:func:`_first_measured`), so the
+   measurement, not the proxy, decides between policies and orders. The simulation misjudges the real compute by a bias (``measured - predicted``):
    each candidate after the first is re-solved for ``target - bias`` (the mean bias so far) before it is measured.
 3. While evaluations remain, a family that has not landed within the tolerance is re-solved for the predicted
    compute that should land it (interpolated between its measured points on both sides of the target, else a
@@ -241,12 +241,23 @@ def _check_target(target: float) -> None:
 
 
 def _first_measured(ranked: Sequence[Candidate], count: int, diverse: bool) -> list[Candidate]:
+    """The first ``count`` candidates to measure. ``diverse``: the proxy ranks well within a kind and order but not
+    across them (it scores skips on the uncached trajectory), so first the best of each forecast order, then the best
+    of each kind not yet in, then the best of the other (kind, order) groups, then the rest, each in proxy order."""
     if not diverse:
         return list(ranked[:count])
-    firsts: dict[tuple[str, int], Candidate] = {}
-    for candidate in ranked:
-        firsts.setdefault(candidate.group, candidate)
-    chosen = list(firsts.values())[:count]
+    chosen: list[Candidate] = []
+
+    def take(key) -> None:
+        covered = {key(c) for c in chosen}
+        for candidate in ranked:
+            if len(chosen) < count and key(candidate) not in covered:
+                chosen.append(candidate)
+                covered.add(key(candidate))
+
+    take(lambda c: c.config.forecast_order)
+    take(lambda c: c.group[0])
+    take(lambda c: c.group)
     return chosen + [c for c in ranked if c not in chosen][: count - len(chosen)]
 
 
