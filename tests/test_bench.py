@@ -202,7 +202,7 @@ def test_sea_cache_and_mag_cache_skip_steps_on_each_testbed(tmp_path, name):
     before = _uncached(testbed, video[0])
     calibration_videos = peer_calibration_videos(testbed.family, count=1)
     assert not set(calibration_videos) & set(bench_videos(testbed.family))
-    hooks = hook_methods(name, calibration_videos, sea_cache_settings=((2.0, 6),), mag_cache_settings=((0.5, 6),))
+    hooks = hook_methods(name, calibration_videos, sea_cache_settings=((0.5, 3),), mag_cache_settings=((0.5, 6),))
     sea, mag = (next(m for m in hooks if m.group == group) for group in ("SeaCache", "MagCache"))
     methods = [BenchMethod("uncached", None, family="uncached"), sea, mag]
     results = run_bench(testbed, methods, video, NUM_STEPS)
