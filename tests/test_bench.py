@@ -454,3 +454,48 @@ def test_schedule_search_smoke(tmp_path):
     assert row["found_calibration"] >= row["grid_calibration"]
     (item,) = row["per_video"]
     assert item["found"] >= item["grid"] and len(item["schedule"]) == 4
+
+
+def test_calibrated_targets_against_the_peers_points_the_best_grid_and_the_rules_skip_cost():
+    from benchmarks.quality.scoring import calibrated_targets, pareto_front
+
+    def row(method, family, group, psnr, speedup, steps, policy="adacache", order=1, over=1.0):
+        return dict(
+            method=method,
+            family=family,
+            group=group,
+            psnr=psnr,
+            speedup=speedup,
+            computed_steps=steps,
+            policy=policy,
+            forecast_order=order,
+            speedup_over_bound=over,
+        )
+
+    rows = [
+        row("calibrate@0.2 (gap)", "adacache", "calibrate (defaults)", 30.0, 4.5, 10, "gap", over=0.98),
+        row("calibrate@0.28 (grid)", "adacache", "calibrate (defaults)", 31.6, 3.5, 14, over=0.99),
+        row("static even n=10 +f1", "static", "static even +f1", 29.0, 4.8, 10),
+        row("static even n=18 +f2", "static", "static even +f2", 37.0, 2.7, 18, order=2),
+        row("static even n=10 +f2", "static", "static even +f2", 27.0, 4.8, 10, order=2),
+    ]
+    peers = [dict(method="SeaCache a", psnr=28.0, speedup=3.0), dict(method="SeaCache b", psnr=39.0, speedup=1.5)]
+    targets = calibrated_targets(rows, pareto_front(peers))
+
+    def find(*words):
+        (found,) = [t for t in targets if all(w in t["target"] for w in words)]
+        return found
+
+    # At 28 dB the calibrated front (4.5x at 30 dB, 3.5x at 31.6 dB) runs 4.5 / 3.0 = 1.5x: met; at 39 dB no
+    # calibrated config.
+    assert find("SeaCache a")["met"] and find("SeaCache a")["measured"] == "4.50x: 1.50"
+    assert find("SeaCache b")["met"] is False
+    # Best grid at 10 steps: +f1's 29.0 (over +f2's 27.0): +1.00 dB, met; at 14 steps: +f2 interpolated between 10
+    # and 18 steps is 32.0 dB: -0.40 dB, within the 0.5 dB slack.
+    assert find("calibrate@0.2 (", "best fixed grid")["measured"] == "30.00 dB vs static even +f1 29.00 dB (+1.00 dB)"
+    grid = find("calibrate@0.28", "best fixed grid")
+    assert grid["measured"] == "31.60 dB vs static even +f2 32.00 dB (-0.40 dB)" and grid["met"]
+    # The gap policy's skip cost against the rule's configs of order 1 (the +f1 grid and the calibrated grid: 1.0 and
+    # 0.99); the calibrated grid is the rule's own, so it has no such target.
+    cost = find("within 3%")
+    assert cost["measured"] == "0.980 vs 0.995 (mean of 2): 0.985" and cost["met"]

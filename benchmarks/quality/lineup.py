@@ -17,10 +17,12 @@ from .methods import (
     STATIC_FORECAST_ORDERS,
     BenchMethod,
     adacache_methods,
+    calibrated_methods,
     even_grid_methods,
     forecast_methods,
     has_forecasting,
     static_methods,
+    target_grid_methods,
 )
 
 __all__ = ["Lineup", "METHOD_SETS", "default_methods"]
@@ -48,6 +50,9 @@ METHOD_SETS: tuple[Callable[[Lineup], list[BenchMethod]], ...] = (
     # Fixed schedules through our programs: static strides (order 0 and forecasting), evenly spaced grids.
     lambda run: static_methods(forecast_orders=(0, *STATIC_FORECAST_ORDERS) if run.forecasting else (0,)),
     lambda run: even_grid_methods(run.num_steps) if run.forecasting else [],
+    lambda run: target_grid_methods(run.num_steps) if run.forecasting else [],
+    # Ours, calibrated on the testbed's calibration videos with default arguments (the committed record).
+    lambda run: calibrated_methods(run.testbed, run.num_steps, run.repeats) if run.forecasting else [],
     # Peers: diffusers' hooks, then cache-dit.
     lambda run: hook_methods(run.testbed),
     lambda run: cache_dit_methods(),

@@ -20,6 +20,10 @@ __all__ = [
     "static_group",
     "static_methods",
     "even_grid_methods",
+    "calibrated_methods",
+    "target_grid_methods",
+    "CALIBRATION_TARGETS",
+    "TARGET_GRID_ORDERS",
     "has_forecasting",
     "forecast_order",
 ]
@@ -34,6 +38,12 @@ STATIC_FORECAST_ORDERS = (1, 2)
 # static comparators at the forecast presets' compute that integer strides cannot express.
 EVEN_GRID_COUNTS = (11, 12, 13, 14, 20, 21)
 EVEN_GRID_ORDER = 2
+# The compute fractions `calibrate` is run at with default arguments (benchmarks/results/calibration_<testbed>.json),
+# and the forecast orders of the evenly spaced grids at those computes: its comparator "the best fixed grid, any
+# stride or even spacing, any forecast order, at equal compute".
+CALIBRATION_TARGETS = (0.2, 0.28, 0.35, 0.45, 0.5)
+TARGET_GRID_ORDERS = (0, 1, 2)
+CALIBRATED_GROUP = "calibrate (defaults)"
 
 
 @dataclass
@@ -174,3 +184,43 @@ def even_grid_methods(num_steps: int, counts=EVEN_GRID_COUNTS, order: int = EVEN
         for count in counts
         if count <= num_steps
     ]
+
+
+def calibrated_methods(testbed: str, num_steps: int, repeats: int = DEFAULT_REPEATS, results=None) -> list[BenchMethod]:
+    """The configs ``adacache-compile calibrate --testbed <testbed>`` chose with default arguments at
+    :data:`CALIBRATION_TARGETS` on the calibration videos (disjoint from the benchmark's), read from the committed
+    record ``results/calibration_<testbed>.json``, labelled ``calibrate@0.28 (<winner>)``; none when the record is
+    missing or was made for another step count."""
+    import json
+    from pathlib import Path
+
+    from adacache_compile.config import AdaCacheConfig
+
+    path = Path(results or Path(__file__).resolve().parent.parent / "results") / f"calibration_{testbed}.json"
+    if not path.exists():
+        logger.warning("no %s: no calibrated configs in this run", path)
+        return []
+    report = json.loads(path.read_text())
+    if report["num_steps"] != num_steps:
+        logger.warning("%s was calibrated for %d steps, not %d: left out", path, report["num_steps"], num_steps)
+        return []
+    return [
+        our_method(
+            f"calibrate@{target} ({result['winner']})",
+            AdaCacheConfig.from_dict(result["config"]),
+            group=CALIBRATED_GROUP,
+            repeats=repeats,
+        )
+        for target, result in report["targets"].items()
+    ]
+
+
+def target_grid_methods(num_steps: int) -> list[BenchMethod]:
+    """Evenly spaced grids at the compute of every calibration target, at every forecast order (those
+    :func:`even_grid_methods` does not run already)."""
+    counts = sorted({max(2, round(f * num_steps)) for f in CALIBRATION_TARGETS})
+    methods = []
+    for order in TARGET_GRID_ORDERS:
+        have = set(EVEN_GRID_COUNTS) if order == EVEN_GRID_ORDER else set()
+        methods += even_grid_methods(num_steps, [c for c in counts if c not in have], order)
+    return methods

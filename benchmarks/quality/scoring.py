@@ -10,9 +10,9 @@ import torch
 
 from adacache_compile.testbed.demo import summarize
 
-from .methods import BenchMethod, forecast_order, static_group
+from .methods import CALIBRATED_GROUP, BenchMethod, forecast_order, static_group
 
-__all__ = ["PEER_FAMILIES", "score", "pareto_front", "best_peer_at", "project_targets"]
+__all__ = ["PEER_FAMILIES", "score", "pareto_front", "best_peer_at", "project_targets", "calibrated_targets"]
 
 
 def score(
@@ -31,7 +31,9 @@ def score(
         row["testbed"] = testbed.name
         row["family"] = method.family
         row["group"] = method.group or method.family
-        row["forecast_order"] = forecast_order(method.config) if method.family in ("adacache", "static") else None
+        ours = method.family in ("adacache", "static")
+        row["forecast_order"] = forecast_order(method.config) if ours else None
+        row["policy"] = getattr(method.config, "policy_name", "adacache") if ours else None
         row["round_seconds"] = method.round_seconds
         if method.schedules:
             row["compute_fraction"] = 1.0 - statistics.mean(s["block_compute_saved"] for s in method.schedules)
@@ -89,6 +91,11 @@ PEER_ENDS_DB = (28.0, 36.0)  # the issue's two ends of the quality range on the 
 PEER_MARGIN = 1.25  # ours must be this many times the best peer's speedup at >= its PSNR
 ADAPTIVITY_MARGIN_DB = 1.0  # adaptive schedule over the static stride of the same forecast order, equal computed steps
 SKIP_COST_TOLERANCE = 0.03  # speedup / bound of a forecast preset vs its order-0 preset
+# Issue 22: calibrate with default arguments against the peers' Pareto points in this PSNR range, and against the
+# best fixed grid at equal compute.
+CALIBRATED_PEER_RANGE_DB = (25.0, 40.0)
+CALIBRATED_PEER_MARGIN = 1.2
+CALIBRATED_GRID_SLACK_DB = 0.5
 
 
 def _preset_of(row: dict) -> str | None:
@@ -228,6 +235,7 @@ def project_targets(rows: list[dict], num_steps: int) -> list[dict]:
         ratio = row["speedup_over_bound"] / base["speedup_over_bound"]
         measured = f"{row['speedup_over_bound']:.3f} vs {base['speedup_over_bound']:.3f}: {ratio:.3f}"
         targets.append({"target": target, "measured": measured, "met": ratio >= 1 - SKIP_COST_TOLERANCE})
+    targets += calibrated_targets(rows, front)
     # Order-0 presets: the earlier targets, against every peer now.
     for name, row in order0.items():
         targets.append(_peer_target(name, row, front))
@@ -242,3 +250,82 @@ def project_targets(rows: list[dict], num_steps: int) -> list[dict]:
                 }
             )
     return targets
+
+
+def calibrated_targets(rows: list[dict], peer_front: list[dict]) -> list[dict]:
+    """Issue 22's targets for ``calibrate`` with default arguments (the rows of its group): (1) at the PSNR of each
+    peer Pareto point between 25 and 40 dB, the calibrated front's speedup (interpolated in PSNR between calibrated
+    points) >= 1.2x the point's; (2) each calibrated point >= the best fixed grid at its computed steps (any stride or
+    even spacing, any forecast order; each grid series interpolated in computed steps) minus 0.5 dB; (3) the skip
+    step stays cheap: speedup / step bound of a calibrated config whose policy is not the AdaCache rule within 3 % of
+    the rule's at the same forecast order (the mean over the run's rule configs of that order)."""
+    calibrated = [r for r in rows if r.get("group") == CALIBRATED_GROUP]
+    if not calibrated:
+        return []
+    targets = []
+    ours = pareto_front(calibrated)
+    lo, hi = CALIBRATED_PEER_RANGE_DB
+    for point in (p for p in peer_front if lo <= p["psnr"] <= hi):
+        target = (
+            f"calibrate (defaults) >= {CALIBRATED_PEER_MARGIN}x {point['method']} ({point['speedup']:.2f}x, "
+            f"{point['psnr']:.2f} dB) at its PSNR"
+        )
+        speedup = _front_speedup(ours, point["psnr"])
+        if speedup is None:
+            targets.append({"target": target, "measured": "no calibrated config reaches that PSNR", "met": False})
+            continue
+        ratio = speedup / point["speedup"]
+        targets.append(
+            {"target": target, "measured": f"{speedup:.2f}x: {ratio:.2f}", "met": ratio >= CALIBRATED_PEER_MARGIN}
+        )
+    grids: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["family"] == "static":
+            grids.setdefault(r["group"], []).append((r["computed_steps"], r["psnr"]))
+    for row in calibrated:
+        best = [(psnr, group) for group, points in grids.items() if (psnr := _grid_at(points, row["computed_steps"]))]
+        target = f"{row['method']}: >= the best fixed grid at {row['computed_steps']:.1f} steps - {CALIBRATED_GRID_SLACK_DB} dB"
+        if not best:
+            targets.append({"target": target, "measured": "no fixed grid at that compute", "met": None})
+            continue
+        psnr, group = max(best)
+        gap = row["psnr"] - psnr
+        measured = f"{row['psnr']:.2f} dB vs {group} {psnr:.2f} dB ({gap:+.2f} dB)"
+        targets.append({"target": target, "measured": measured, "met": gap >= -CALIBRATED_GRID_SLACK_DB})
+    for row in calibrated:
+        if row.get("policy") in (None, "adacache") or "speedup_over_bound" not in row:
+            continue
+        rule = [
+            r["speedup_over_bound"]
+            for r in rows
+            if r["family"] in ("adacache", "static")
+            and r.get("policy") == "adacache"
+            and r.get("forecast_order") == row["forecast_order"]
+            and "speedup_over_bound" in r
+        ]
+        target = f"{row['method']}: speedup / step bound within {SKIP_COST_TOLERANCE:.0%} of the AdaCache rule's"
+        if not rule:
+            targets.append({"target": target, "measured": "no rule config of that order in this run", "met": None})
+            continue
+        base = statistics.mean(rule)
+        ratio = row["speedup_over_bound"] / base
+        measured = f"{row['speedup_over_bound']:.3f} vs {base:.3f} (mean of {len(rule)}): {ratio:.3f}"
+        targets.append({"target": target, "measured": measured, "met": ratio >= 1 - SKIP_COST_TOLERANCE})
+    return targets
+
+
+def _grid_at(points: list[tuple[float, float]], steps: float) -> float | None:
+    """A fixed-grid series' PSNR at ``steps`` computed steps: a point there (within half a step: a grid computes
+    whole steps), else interpolated between its neighbours, else None."""
+    near = [psnr for x, psnr in points if abs(x - steps) <= 0.5]
+    return max(near) if near else _interpolate(points, steps)
+
+
+def _front_speedup(front: list[dict], quality: float) -> float | None:
+    """Speedup of a Pareto front (ascending PSNR) at PSNR ``quality``: interpolated between its neighbours, the
+    fastest point at or above it when below the front, None above it."""
+    if not front or quality > front[-1]["psnr"]:
+        return None
+    if quality <= front[0]["psnr"]:
+        return front[0]["speedup"]
+    return _interpolate([(r["psnr"], r["speedup"]) for r in front], quality)
