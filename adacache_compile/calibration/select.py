@@ -11,7 +11,8 @@
    each candidate after the first is re-solved for ``target - bias`` (the mean bias so far) before it is measured.
 3. While evaluations remain, a family that has not landed within the tolerance is re-solved for the predicted
    compute that should land it (interpolated between its measured points on both sides of the target, else a
-   secant or a bias step) and measured again, the family whose error expected at the target is least first.
+   secant or a bias step) and measured again, the family whose error expected at the target is least first; with
+   ``diverse=True``, when no family needs that, the next candidate in measurement order is measured.
 4. The winner: the least measured error within the tolerance. When no candidate landed, the measured candidate
    nearest the target compute (then the least error) is returned with a warning and ``landed=False``: a calibration
    always gives a config and says what it achieved.
@@ -315,16 +316,24 @@ def select(
         measure(Candidate(name, config, fraction, proxy))
     evaluations = 0
     biases: list[float] = []
-    for candidate in _first_measured(ranked, max_candidates, diverse):
-        if evaluations >= max_evaluations:
-            break
+    # Diverse: every ranked candidate in measurement order; the first max_candidates now, the rest while evaluations
+    # remain after the refinement (the proxy does not rank across kinds and orders well enough to stop early).
+    order = _first_measured(ranked, len(ranked) if diverse else max_candidates, diverse)
+    waiting = order[max_candidates:]
+
+    def measure_next(candidate: Candidate) -> bool:
         if biases:
             candidate = resolve(candidate, target - sum(biases) / len(biases)) or candidate
             if candidate.config in configs:
-                continue
+                return False
         measure(candidate)
-        evaluations += 1
         biases.append(candidate.measured_fraction - candidate.predicted_fraction)
+        return True
+
+    for candidate in order[:max_candidates]:
+        if evaluations >= max_evaluations:
+            break
+        evaluations += measure_next(candidate)
 
     def within(c: Candidate) -> bool:
         return c.measured_fraction is not None and abs(c.measured_fraction - target) <= tolerance + 1e-12
@@ -348,6 +357,9 @@ def select(
             evaluations += 1
             retried = True
             break
+        while not retried and waiting:
+            retried = measure_next(waiting.pop(0))
+            evaluations += retried
         if not retried:
             break
 
