@@ -2,6 +2,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The demo's testbed: make demo TESTBED=ltx-textures
+TESTBED ?= latte-shapes
 
 .PHONY: demo test lint venv clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/adacache-compile demo --out demo_out
+	$(BIN)/adacache-compile demo --out demo_out --testbed $(TESTBED)
 
 lint: $(STAMP)
 	$(BIN)/ruff check adacache_compile tests examples benchmarks

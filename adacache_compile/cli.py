@@ -213,14 +213,20 @@ def _run_inspect(args) -> int:
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument(
+        "--testbed",
+        default="latte-shapes",
+        help="a bundled testbed: latte-shapes (default; moving shapes, Latte, DDIM) or ltx-textures (textures under a "
+        "moving camera, LTX-Video, flow matching), or a testbed checkpoint directory",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_demo(args) -> int:
-    """Uncached vs AdaCache on the bundled testbed model."""
+    """Uncached vs AdaCache on a bundled testbed model."""
     from .testbed.demo import run_demo
 
-    run_demo(args.out, num_steps=args.steps, progress=not args.no_progress)
+    run_demo(args.out, num_steps=args.steps, progress=not args.no_progress, testbed=args.testbed)
     return 0
 
 

@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
-from adacache_compile.testbed import CHECKPOINT_DIR
+from adacache_compile.testbed import TESTBEDS
 from adacache_compile.testbed.timing import timed_runs
 
-needs_checkpoint = pytest.mark.skipif(
-    not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="testbed checkpoint not shipped in this tree"
-)
+
+def _needs(name):
+    return pytest.mark.skipif(
+        not (TESTBEDS[name] / "model.safetensors").exists(), reason=f"testbed {name} checkpoint not in this tree"
+    )
 
 
 def test_timed_runs_times_each_item_inside_its_own_context():
@@ -55,23 +57,43 @@ def test_timed_runs_without_context_or_after():
     assert timed_runs(lambda item: item, [], warmup=2).results == []
 
 
-@needs_checkpoint
-def test_run_demo_writes_its_table_and_files(tmp_path, capsys):
+def test_demo_videos_one_per_second_label():
+    from adacache_compile.testbed.demo import DEMO_VIDEOS, demo_videos
+    from adacache_compile.testbed.families import FAMILIES
+
+    assert DEMO_VIDEOS == [("square", 0, 11), ("disc", 1, 12), ("triangle", 2, 13), ("cross", 3, 14)]
+    ltx = demo_videos(FAMILIES["ltx-textures"])
+    assert [second for _, second, _ in ltx] == [0, 1, 2, 3]  # static, pan, rotate, zoom
+    assert [first for first, _, _ in ltx] == ["stripes", "checker", "rings", "dots"]
+
+
+@pytest.mark.parametrize(
+    "name, video, gif",
+    [
+        pytest.param("latte-shapes", ("disc", 1, 12), "disc_slow_seed12", marks=_needs("latte-shapes")),
+        pytest.param("ltx-textures", ("rings", 2, 13), "rings_rotate_seed13", marks=_needs("ltx-textures")),
+    ],
+)
+def test_run_demo_writes_its_table_and_files(tmp_path, capsys, name, video, gif):
     from adacache_compile.testbed.demo import run_demo
 
     torch.set_num_threads(1)
-    num_steps, videos = 30, [("disc", 1, 12)]
-    rows = run_demo(tmp_path, num_steps=num_steps, progress=False, videos=videos)
+    num_steps = 30
+    rows = run_demo(tmp_path, num_steps=num_steps, progress=False, videos=[video], testbed=name)
 
     methods = ["uncached", "AdaCache-fast", "AdaCache-slow", "AdaCache-fast+MoReg"]
     assert [row["method"] for row in rows] == methods
-    assert json.loads((tmp_path / "demo.json").read_text()) == {"num_steps": num_steps, "rows": rows}
-    table = (tmp_path / "demo.md").read_text().splitlines()
-    assert len(table) == 2 + len(methods) and all(f"| {name} |" in "\n".join(table) for name in methods)
-    for name in methods:
-        assert (tmp_path / f"{name}_disc_motion1_seed12.gif").stat().st_size > 0
-    for name in ("side_by_side.png", "schedules.png"):
-        assert (tmp_path / name).stat().st_size > 0
+    record = json.loads((tmp_path / f"demo_{name}.json").read_text())
+    assert record == {"testbed": name, "num_steps": num_steps, "videos": [list(video)], "rows": rows}
+    heading, blank, *table = (tmp_path / f"demo_{name}.md").read_text().splitlines()
+    assert heading.startswith(f"Testbed {name} (") and blank == ""
+    assert len(table) == 2 + len(methods) and all(f"| {method} |" in "\n".join(table) for method in methods)
+    # The "shape recognised" column only where the testbed has a recogniser of its first label.
+    assert ("shape recognised" in table[0]) == (name == "latte-shapes")
+    for method in methods:
+        assert (tmp_path / f"{name}_{method}_{gif}.gif").stat().st_size > 0
+    for file in (f"side_by_side_{name}.png", f"schedules_{name}.png"):
+        assert (tmp_path / file).stat().st_size > 0
 
     uncached, *cached = rows
     assert uncached["computed_per_video"] == [num_steps] and uncached["psnr"] is None
@@ -84,5 +106,8 @@ def test_run_demo_writes_its_table_and_files(tmp_path, capsys):
         assert row["psnr"] > 15 and 0 < row["ssim"] <= 1, row
         assert row["speedup"] == pytest.approx(uncached["seconds"] / row["seconds"])
     assert rows[1]["computed_steps"] <= rows[2]["computed_steps"]  # fast computes no more than slow
-    assert rows[1]["shapes_recognised"] in (0, 1)
+    if name == "latte-shapes":
+        assert rows[1]["shapes_recognised"] in (0, 1)
+    else:
+        assert all("shapes_recognised" not in row for row in rows)
     assert "| AdaCache-fast |" in capsys.readouterr().out

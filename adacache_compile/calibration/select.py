@@ -6,12 +6,13 @@
    equal an earlier one's on every run is dropped; ``extra`` configs (e.g. shipped presets) join unranked.
 2. The best are measured by a caller-supplied ``evaluate(config) -> (error, computed_fraction[, info])`` (real runs
    on the calibration inputs; lower error is better). With ``diverse=True`` the first measured are the best of each
-   (kind, forecast order) group, groups in the order of their best proxy, so the measurement, not the proxy, decides
-   between policies and orders. The simulation misjudges the real compute by a bias (``measured - predicted``):
+   forecast order, then of each kind, then of each (kind, order) group (:func:`_first_measured`), so the
+   measurement, not the proxy, decides between policies and orders. The simulation misjudges the real compute by a bias (``measured - predicted``):
    each candidate after the first is re-solved for ``target - bias`` (the mean bias so far) before it is measured.
 3. While evaluations remain, a family that has not landed within the tolerance is re-solved for the predicted
    compute that should land it (interpolated between its measured points on both sides of the target, else a
-   secant or a bias step) and measured again, the family whose error expected at the target is least first.
+   secant or a bias step) and measured again, the family whose error expected at the target is least first; with
+   ``diverse=True``, when no family needs that, the next candidate in measurement order is measured.
 4. The winner: the least measured error within the tolerance. When no candidate landed, the measured candidate
    nearest the target compute (then the least error) is returned with a warning and ``landed=False``: a calibration
    always gives a config and says what it achieved.
@@ -241,12 +242,23 @@ def _check_target(target: float) -> None:
 
 
 def _first_measured(ranked: Sequence[Candidate], count: int, diverse: bool) -> list[Candidate]:
+    """The first ``count`` candidates to measure. ``diverse``: the proxy ranks well within a kind and order but not
+    across them (it scores skips on the uncached trajectory), so first the best of each forecast order, then the best
+    of each kind not yet in, then the best of the other (kind, order) groups, then the rest, each in proxy order."""
     if not diverse:
         return list(ranked[:count])
-    firsts: dict[tuple[str, int], Candidate] = {}
-    for candidate in ranked:
-        firsts.setdefault(candidate.group, candidate)
-    chosen = list(firsts.values())[:count]
+    chosen: list[Candidate] = []
+
+    def take(key) -> None:
+        covered = {key(c) for c in chosen}
+        for candidate in ranked:
+            if len(chosen) < count and key(candidate) not in covered:
+                chosen.append(candidate)
+                covered.add(key(candidate))
+
+    take(lambda c: c.config.forecast_order)
+    take(lambda c: c.group[0])
+    take(lambda c: c.group)
     return chosen + [c for c in ranked if c not in chosen][: count - len(chosen)]
 
 
@@ -304,16 +316,24 @@ def select(
         measure(Candidate(name, config, fraction, proxy))
     evaluations = 0
     biases: list[float] = []
-    for candidate in _first_measured(ranked, max_candidates, diverse):
-        if evaluations >= max_evaluations:
-            break
+    # Diverse: every ranked candidate in measurement order; the first max_candidates now, the rest while evaluations
+    # remain after the refinement (the proxy does not rank across kinds and orders well enough to stop early).
+    order = _first_measured(ranked, len(ranked) if diverse else max_candidates, diverse)
+    waiting = order[max_candidates:]
+
+    def measure_next(candidate: Candidate) -> bool:
         if biases:
             candidate = resolve(candidate, target - sum(biases) / len(biases)) or candidate
             if candidate.config in configs:
-                continue
+                return False
         measure(candidate)
-        evaluations += 1
         biases.append(candidate.measured_fraction - candidate.predicted_fraction)
+        return True
+
+    for candidate in order[:max_candidates]:
+        if evaluations >= max_evaluations:
+            break
+        evaluations += measure_next(candidate)
 
     def within(c: Candidate) -> bool:
         return c.measured_fraction is not None and abs(c.measured_fraction - target) <= tolerance + 1e-12
@@ -337,6 +357,9 @@ def select(
             evaluations += 1
             retried = True
             break
+        while not retried and waiting:
+            retried = measure_next(waiting.pop(0))
+            evaluations += retried
         if not retried:
             break
 

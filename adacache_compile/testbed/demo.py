@@ -1,5 +1,6 @@
-"""``adacache-compile demo`` (:func:`run_demo`): the bundled testbed model, uncached vs AdaCache, with a table, GIFs,
-a side-by-side PNG and a schedule plot.
+"""``adacache-compile demo`` (:func:`run_demo`): a bundled testbed model (``--testbed``: latte-shapes, the default,
+or ltx-textures), uncached vs AdaCache, with a table, GIFs, a side-by-side PNG and a schedule plot, each named after
+the testbed.
 
 Each video is generated on its own (batched CFG inside), so each gets its own adaptive schedule, as in the paper.
 """
@@ -13,14 +14,48 @@ from pathlib import Path
 
 import torch
 
+from . import DEFAULT_TESTBED
+from .families import FAMILIES
 from .timing import timed_runs
 
-__all__ = ["run_demo", "run_methods", "build_cached", "generate", "summarize", "DEMO_VIDEOS", "Method", "format_table"]
+__all__ = [
+    "run_demo",
+    "run_methods",
+    "build_cached",
+    "generate",
+    "summarize",
+    "demo_videos",
+    "DEMO_VIDEOS",
+    "Method",
+    "format_table",
+]
 
 logger = logging.getLogger(__name__)
 
-# (shape, motion bucket, seed): one video per motion bucket, static to fast.
-DEMO_VIDEOS = [("square", 0, 11), ("disc", 1, 12), ("triangle", 2, 13), ("cross", 3, 14)]
+DEMO_SEED_BASE = 11
+
+
+def demo_videos(family) -> list[tuple[str, int, int]]:
+    """``(first label, second label index, seed)``: one video per second label of the testbed's family (latte-shapes:
+    motion buckets static to fast; ltx-textures: camera motions), first labels in turn, seeds 11, 12, ..."""
+    return [
+        (family.first_labels[index % len(family.first_labels)], index, DEMO_SEED_BASE + index)
+        for index in range(len(family.second_labels))
+    ]
+
+
+# The default testbed's: square static, disc slow, triangle medium, cross fast.
+DEMO_VIDEOS = demo_videos(FAMILIES[DEFAULT_TESTBED])
+
+
+def _recognised_shapes(videos: torch.Tensor, labels) -> list[bool]:
+    from .recognise import recognised
+
+    return recognised(videos, [first for first, _, _ in labels])
+
+
+# Testbeds with a recogniser of their first label: per video [B, C, F, H, W] and its labels, is it recognised?
+RECOGNISERS = {"latte-shapes": _recognised_shapes}
 
 
 @dataclass
@@ -91,11 +126,10 @@ def run_methods(testbed, methods: list[Method], videos, num_steps: int, progress
     return methods
 
 
-def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
-    """Rows of the table; with ``videos`` ((shape, motion, seed) per generated video) each row also says how many of
-    its videos show their labelled shape (`testbed.recognise`)."""
+def summarize(methods: list[Method], num_steps: int, recognise=None) -> list[dict]:
+    """Rows of the table; with ``recognise`` (videos [B, C, F, H, W] -> per video whether it shows its labelled
+    shape) each row also says how many of its videos do (``shapes_recognised``)."""
     from .metrics import psnr, ssim
-    from .recognise import recognised
 
     reference = methods[0]
     rows = []
@@ -110,8 +144,8 @@ def summarize(methods: list[Method], num_steps: int, videos=None) -> list[dict]:
             "psnr": None,
             "ssim": None,
         }
-        if videos is not None:
-            row["shapes_recognised"] = sum(recognised(torch.cat(method.videos), [shape for shape, _, _ in videos]))
+        if recognise is not None:
+            row["shapes_recognised"] = sum(recognise(torch.cat(method.videos)))
         if method is not reference:
             video, ref = torch.cat(method.videos), torch.cat(reference.videos)
             row["psnr"], row["ssim"] = psnr(video, ref), ssim(video, ref)
@@ -137,7 +171,8 @@ def format_table(rows: list[dict], num_steps: int) -> str:
     return "\n".join(lines)
 
 
-def plot_schedules(methods: list[Method], videos, num_steps: int, path: Path) -> Path:
+def plot_schedules(methods: list[Method], videos, num_steps: int, path: Path, family) -> Path:
+    """Per cached method, the metric at computed steps of each video (labelled with the family's label names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,10 +181,10 @@ def plot_schedules(methods: list[Method], videos, num_steps: int, path: Path) ->
     cached = [m for m in methods if m.schedules]
     fig, axes = plt.subplots(len(cached), 1, figsize=(10, 2.6 * len(cached)), sharex=True, squeeze=False)
     for ax, method in zip(axes[:, 0], cached):
-        for (shape, motion, _), schedule in zip(videos, method.schedules):
+        for (first, second, _), schedule in zip(videos, method.schedules):
             steps = [r["step"] for r in schedule["records"] if r["metric"] is not None]
             metric = [r["metric"] for r in schedule["records"] if r["metric"] is not None]
-            (line,) = ax.plot(steps, metric, marker="o", ms=3, label=f"{shape}, motion {motion}")
+            (line,) = ax.plot(steps, metric, marker="o", ms=3, label=f"{first}, {family.second_labels[second]}")
             ax.scatter(
                 schedule["computed_steps"],
                 [0] * len(schedule["computed_steps"]),
@@ -157,7 +192,7 @@ def plot_schedules(methods: list[Method], videos, num_steps: int, path: Path) ->
                 s=80,
                 color=line.get_color(),
             )
-        ax.set_title(f"{method.name}: metric at computed steps (ticks at 0 = computed steps)")
+        ax.set_title(f"{family.name}, {method.name}: metric at computed steps (ticks at 0 = computed steps)")
         ax.set_ylabel("metric c")
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel(f"denoising step (1..{num_steps})")
@@ -167,30 +202,39 @@ def plot_schedules(methods: list[Method], videos, num_steps: int, path: Path) ->
     return path
 
 
-def run_demo(out_dir: Path, num_steps: int = 50, progress: bool = True, videos=DEMO_VIDEOS) -> list[dict]:
-    """Uncached vs AdaCache (fast, slow, fast+MoReg presets for ``num_steps``) on ``videos`` ((shape, motion, seed)
-    each): writes a GIF per method and video, ``side_by_side.png``, ``schedules.png``, ``demo.json`` and ``demo.md``
-    to ``out_dir``; returns the table rows."""
+def run_demo(
+    out_dir: Path, num_steps: int = 50, progress: bool = True, videos=None, testbed: str = DEFAULT_TESTBED
+) -> list[dict]:
+    """Uncached vs AdaCache (fast, slow, fast+MoReg and the forecasting presets for ``num_steps``) on ``testbed`` (a
+    shipped testbed's name or a checkpoint directory) and ``videos`` ((first label, second label index, seed) each;
+    default :func:`demo_videos`): writes to ``out_dir`` a GIF per method and video, ``side_by_side_<testbed>.png``,
+    ``schedules_<testbed>.png``, ``demo_<testbed>.json`` and ``demo_<testbed>.md``; returns the table rows. The
+    "shape recognised" column is there for testbeds with a recogniser (:data:`RECOGNISERS`: latte-shapes)."""
     from . import load_testbed
     from .sample import save_gif, side_by_side_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    testbed = load_testbed()
-    methods = run_methods(testbed, default_methods(num_steps), videos, num_steps, progress=progress)
-    rows = summarize(methods, num_steps, videos)
+    model = load_testbed(testbed)
+    family, name = model.family, model.name
+    videos = demo_videos(family) if videos is None else videos
+    methods = run_methods(model, default_methods(num_steps), videos, num_steps, progress=progress)
+    recognise = RECOGNISERS.get(name)
+    rows = summarize(methods, num_steps, None if recognise is None else lambda batch: recognise(batch, videos))
     table = format_table(rows, num_steps)
     for method in methods:
-        for (shape, motion, seed), video in zip(videos, method.videos):
-            save_gif(video[0], out_dir / f"{method.name}_{shape}_motion{motion}_seed{seed}.gif")
+        for (first, second, seed), video in zip(videos, method.videos):
+            save_gif(video[0], out_dir / f"{name}_{method.name}_{first}_{family.second_labels[second]}_seed{seed}.gif")
     sheet = {}
-    for (shape, motion, _), index in zip(videos, range(len(videos))):
+    for index, (first, second, _) in enumerate(videos):
         for method in methods:
-            sheet[f"{method.name} | {shape} m{motion}"] = method.videos[index][0]
-    side_by_side_png(sheet, out_dir / "side_by_side.png")
-    plot_schedules(methods, videos, num_steps, out_dir / "schedules.png")
-    (out_dir / "demo.json").write_text(json.dumps({"num_steps": num_steps, "rows": rows}, indent=2))
-    (out_dir / "demo.md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote GIFs, side_by_side.png, schedules.png, demo.json to {out_dir}")
+            sheet[f"{method.name} | {first} {family.second_labels[second]}"] = method.videos[index][0]
+    side_by_side_png(sheet, out_dir / f"side_by_side_{name}.png")
+    plot_schedules(methods, videos, num_steps, out_dir / f"schedules_{name}.png", family)
+    record = {"testbed": name, "num_steps": num_steps, "videos": [list(v) for v in videos], "rows": rows}
+    (out_dir / f"demo_{name}.json").write_text(json.dumps(record, indent=2))
+    heading = f"Testbed {name} ({family.transformer_class}), {len(videos)} videos, {num_steps} steps"
+    (out_dir / f"demo_{name}.md").write_text(f"{heading}\n\n{table}\n")
+    print(f"{heading}\n\n{table}")
+    print(f"\nwrote GIFs, side_by_side_{name}.png, schedules_{name}.png, demo_{name}.json and .md to {out_dir}")
     return rows
