@@ -105,18 +105,19 @@ def test_build_engines_refuses_an_unknown_precision(tmp_path, capsys):
 def test_calibrate_writes_configs_loadable_by_from_json(tmp_path, capsys):
     out = tmp_path / "calibration.json"
     argv = ["calibrate", "--steps", "6", "--videos", "1", "--target", "fast", "0.7", "--out", str(out)]
-    assert main([*argv, "--no-progress"]) == 0
+    pins = ["--forecast-order", "0", "--policy", "adacache", "grid", "--max-candidates", "2", "--max-evaluations", "2"]
+    assert main([*argv, *pins, "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert report["num_steps"] == 6 and len(report["videos"]) == 1
-    assert [len(run) for run in report["recorded_metrics"]] == [5]  # steps 2..6 of the one video
+    assert [len(run["metrics"]) for run in report["recorded"]] == [5]  # steps 2..6 of the one video
+    assert report["search"]["forecast_orders"] == [0] and report["search"]["policies"] == ["adacache", "grid"]
     assert set(report["targets"]) == {"fast", "0.7"}
     for target in report["targets"].values():
         config = AdaCacheConfig.from_json(json.dumps(target["config"]))
-        assert config.to_dict() == target["config"]
-        assert [rate for _, rate in config.codebook][-1] == 1
-    # Of 6 steps, 1, 2 and the forced 5 and 6 are always computed: 4 / 6 is the least, and the closest to 0.7.
-    assert report["targets"]["0.7"]["simulated_compute_fraction"] == pytest.approx(4 / 6)
-    assert "MoReg threshold" in capsys.readouterr().out
+        assert config.to_dict() == target["config"] and config.forecast_order == 0 and config.policy is None
+    # "fast" is the named target 0.28; of 6 steps the grids and the rule compute at least 1 and 6 (2 / 6).
+    assert report["targets"]["fast"]["target"] == 0.28
+    assert "[latte-shapes] 0.7:" in capsys.readouterr().out
 
 
 def test_calibrate_refuses_more_videos_than_it_has(capsys):

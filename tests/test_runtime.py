@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 from diffusers import LatteTransformer3DModel  # noqa: E402
 
 from adacache_compile import AdaCacheConfig, MoRegConfig, optimize  # noqa: E402
+from adacache_compile.errors import AdaCacheError  # noqa: E402
 from adacache_compile.testbed.tiny_models import tiny_model  # noqa: E402
 
 NUM_STEPS = 8
@@ -178,20 +179,35 @@ def test_timestep_inference_without_context(cached):
 
 def test_known_num_steps_without_context_restarts_after_n_calls(cached):
     latents, prompt = make_inputs(6)
-    # Timesteps that never rise: only the step count can tell where the second generation starts.
-    flat = [500.0] * NUM_STEPS
+    # Timesteps that keep falling across both generations: only the step count can tell where the second starts.
+    falling = [float(t) for t in range(990, 990 - 2 * NUM_STEPS * 10, -10)]
+    first_t, second_t = falling[:NUM_STEPS], falling[NUM_STEPS:]
     cached._reset_stateful_cache()
     before = len(cached.stats["history"])
     cached.num_steps = NUM_STEPS  # what optimize(num_steps=...) and the diffusers integration set
     try:
-        first = denoise(lambda kw: cached(**kw), latents, prompt, flat)
-        second = denoise(lambda kw: cached(**kw), latents, prompt, flat)
+        first = denoise(lambda kw: cached(**kw), latents, prompt, first_t)
+        second = denoise(lambda kw: cached(**kw), latents, prompt, second_t)
         cached._reset_stateful_cache()
     finally:
         cached.num_steps = None
-    assert_all_equal(second, first)
     history = cached.stats["history"][before:]
     assert [entry["computed_steps"] for entry in history] == [EXPECTED_COMPUTED, EXPECTED_COMPUTED]
+    # Each equals its own generation run with the step count given explicitly (the same programs, bit for bit).
+    assert_all_equal(first, in_generation(cached, latents, prompt, first_t))
+    assert_all_equal(second, in_generation(cached, latents, prompt, second_t))
+
+
+def test_repeated_timestep_without_context_is_refused(cached):
+    latents, prompt = make_inputs(6)
+    cached._reset_stateful_cache()
+    cached.num_steps = NUM_STEPS
+    try:
+        with pytest.raises(AdaCacheError, match="second call at timestep 500 without a cache_context"):
+            denoise(lambda kw: cached(**kw), latents, prompt, [500.0] * NUM_STEPS)
+    finally:
+        cached._reset_stateful_cache()
+        cached.num_steps = None
 
 
 def counted_call(cached, path: str):
@@ -389,6 +405,19 @@ def test_use_config_keeps_captures_for_host_side_changes_and_recaptures_for_prog
     got = in_generation(cached, latents, prompt)
     assert cached.plan.region != entry.plan.region
     assert_all_equal(got, in_generation(optimize(model, other_region), latents, prompt))
+
+
+def test_switching_away_and_back_before_any_call_takes_the_kept_capture_back(model):
+    cached = optimize(model, SKIPPING)
+    latents, prompt = make_inputs(9)
+    in_generation(cached, latents, prompt)
+    entry = cached.captures.latest()
+    cached.use_config(SKIPPING.replace(forecast_order=2))  # other programs: the capture is set aside
+    assert cached.captures.entries == []
+    cached.use_config(SKIPPING)  # back, before any call captured for the other config
+    assert cached.captures.entries == [entry]
+    in_generation(cached, latents, prompt)
+    assert cached.captures.captures_made == 1
 
 
 def test_switching_back_to_a_config_reuses_its_kept_capture_unless_the_model_changed():
