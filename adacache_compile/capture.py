@@ -11,8 +11,10 @@ drop-in module can flatten a call and rebuild the model's own output type (``Tra
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +99,7 @@ class Captured:
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The flat tensor inputs of a call, checked against the capture (raises before any program runs)."""
         leaves, sig = call_signature(self.model_forward_signature, args, kwargs)
+        sig = self.host_side(sig)
         if sig != self.signature:
             raise InputMismatchError(
                 f"{self.model_class}: this call's structure or non-tensor arguments differ from the captured call "
@@ -107,7 +110,13 @@ class Captured:
             spec.check(tensor)
         return tensors
 
-    def unflatten(self, outputs) -> Any:
+    def host_side(self, signature: CallSignature) -> CallSignature:
+        """``signature`` with the arguments this capture honours on the host set to their captured values (none
+        here: a torch capture with another ``return_dict`` is captured anew; see the exported runtime)."""
+        return signature
+
+    def unflatten(self, outputs, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """The model's output for ``outputs`` (the programs' flat outputs) of the call ``args, kwargs``."""
         return pytree.tree_unflatten(list(outputs), self.out_spec)
 
     model_forward_signature: inspect.Signature | None = None
@@ -143,18 +152,57 @@ def call_signature(forward_sig, args, kwargs) -> tuple[list, CallSignature]:
 
 
 def _hashable(value):
+    """A call constant as compared between calls: itself when hashable; an array by dtype, shape and a hash of its
+    bytes (a repr elides the middle of a large array: two different arrays would compare equal); else its repr."""
     try:
         hash(value)
         return value
     except TypeError:
-        return repr(value)
+        pass
+    if all(hasattr(value, a) for a in ("dtype", "shape", "tobytes")):  # numpy arrays and their kind
+        digest = hashlib.sha256(value.tobytes()).hexdigest()
+        return f"<{type(value).__name__} {value.dtype} {tuple(value.shape)} sha256:{digest}>"
+    return repr(value)
 
 
 def _describe_difference(want: CallSignature, got: CallSignature) -> str:
     if want.in_spec != got.in_spec:
-        return f"captured structure {want.in_spec}, got {got.in_spec}"
-    diffs = [f"leaf {i}: captured {a!r}, got {b!r}" for (i, a), (_, b) in zip(want.constants, got.constants) if a != b]
+        return _describe_structure_difference(want.in_spec, got.in_spec)
+    names = _leaf_names(want.in_spec, want.in_spec.num_leaves)
+    diffs = [
+        f"argument {names[i]!r}: captured {a!r}, got {b!r}"
+        for (i, a), (_, b) in zip(want.constants, got.constants)
+        if a != b
+    ]
     return "; ".join(diffs) or "tensor leaves differ"
+
+
+def _describe_structure_difference(want: pytree.TreeSpec, got: pytree.TreeSpec) -> str:
+    """Which arguments' structure differs (``argument 'attention_kwargs': captured None, got a dict with keys
+    ['scale']``), naming each by its keyword or position."""
+    want_args, want_kwargs = pytree.tree_unflatten([None] * want.num_leaves, want)
+    got_args, got_kwargs = pytree.tree_unflatten([None] * got.num_leaves, got)
+    named = {**{f"args.{i}": a for i, a in enumerate(want_args)}, **want_kwargs}
+    other = {**{f"args.{i}": a for i, a in enumerate(got_args)}, **got_kwargs}
+    diffs = []
+    for name in [*named, *(n for n in other if n not in named)]:
+        if name not in other:
+            diffs.append(f"argument {name!r}: captured, not given")
+        elif name not in named:
+            diffs.append(f"argument {name!r}: given, not captured")
+        elif pytree.tree_structure(named[name]) != pytree.tree_structure(other[name]):
+            diffs.append(f"argument {name!r}: captured {_shape_of(named[name])}, got {_shape_of(other[name])}")
+    return "; ".join(diffs) or f"captured structure {want}, got {got}"
+
+
+def _shape_of(value) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(value)}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def _leaf_paths(spec: pytree.TreeSpec, num_leaves: int) -> list[tuple[str, ...]] | None:
@@ -227,10 +275,16 @@ def _importable(module: str) -> bool:
 
 
 def _export(model, args, kwargs, mode: str):
-    exported = torch.export.export(
-        model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs, mode), strict=False
-    )
-    return exported.run_decompositions({})
+    # torch.export's own pytree code prints this deprecation on every capture (nothing the user can act on); only
+    # that one warning is silenced.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+        )
+        exported = torch.export.export(
+            model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs, mode), strict=False
+        )
+        return exported.run_decompositions({})
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic: bool = True) -> Captured:
@@ -326,15 +380,23 @@ def _tensor_spec(name: str, fake: torch.Tensor, real: torch.Tensor, exported) ->
         if isinstance(size, torch.SymInt):
             shape.append(None)
             expr = size.node.expr
-            vr = exported.range_constraints.get(expr)
-            lo = 1  # export's lower bound of 2 is its 0/1-specialisation rule; the graph itself serves size 1
-            hi = None
-            if vr is not None and vr.upper.is_Integer:
-                hi = int(vr.upper)
-            ranges[dim] = (lo, hi)
+            ranges[dim] = _captured_range(exported.range_constraints.get(expr))
         else:
             shape.append(int(size))
     return InputSpec(name, tuple(shape), real.dtype, real.device, ranges)
+
+
+def _captured_range(value_range) -> tuple[int, int | None]:
+    """The sizes a dynamic dim's capture serves: export's range for its symbol, whose bounds carry the model's own
+    guards (``if frames > 8`` captured at 16 frames gives [9, inf]: a call at 4 frames must capture anew, not run the
+    other branch's graph). The one exception is a lower bound of exactly 2, export's 0/1-specialisation rule for
+    every dynamic dim, which is taken as 1 so that a batch-2 (CFG) capture serves batch 1; a model that branches on
+    ``size > 1`` itself is the case this cannot tell apart (capture it at size 1, or static)."""
+    if value_range is None:
+        return 1, None
+    lower = int(value_range.lower) if value_range.lower.is_Integer else 2
+    upper = int(value_range.upper) if value_range.upper.is_Integer else None
+    return (1 if lower <= 2 else lower), upper
 
 
 def _unlift(model: torch.nn.Module, exported) -> fx.GraphModule:

@@ -172,7 +172,7 @@ class CaptureCache:
         """Prepare for ``config``: captures whose programs compute something else are set aside, and the ones kept
         from an earlier config whose programs serve this one come back, if the model is unchanged since they were
         made; otherwise the next call captures anew."""
-        if programs_serve(self.entries, config):
+        if self.entries and programs_serve(self.entries, config):
             return
         with self._lock:
             state = model_state(self.model)
@@ -251,14 +251,23 @@ class CaptureCache:
 
 def model_state(model: torch.nn.Module) -> tuple:
     """What the captured programs depend on besides parameter values: the module tree (names, identities, types),
-    every parameter's and buffer's identity, dtype, device and shape, and the state of peft's LoRA layers (active,
-    disabled and merged adapters, scaling: values the capture bakes into the graph)."""
-    modules = tuple((name, id(m), type(m).__qualname__, _adapter_state(m)) for name, m in model.named_modules())
+    every parameter's and buffer's identity, dtype, device and shape, the state of peft's LoRA layers (active,
+    disabled and merged adapters, scaling: values the capture bakes into the graph) and each attention module's
+    processor (diffusers' ``set_attn_processor`` swaps the code the capture traced)."""
+    modules = tuple(
+        (name, id(m), type(m).__qualname__, _adapter_state(m), _processor_state(m)) for name, m in model.named_modules()
+    )
     tensors = tuple(
         (name, id(t), t.dtype, t.device, tuple(t.shape))
         for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     )
     return modules, tensors
+
+
+def _processor_state(module: torch.nn.Module) -> object | None:
+    """The attention processor itself (diffusers' ``Attention.processor``): compared by identity, and held, so that
+    a processor freed after a swap cannot hand its id to the next one."""
+    return getattr(module, "processor", None)
 
 
 def _adapter_state(module: torch.nn.Module) -> tuple | None:

@@ -187,7 +187,7 @@ class ProgramRuntime(torch.nn.Module):
         if session.step == 0 and captures.refresh():
             entry, inputs = captures.lookup(args, kwargs, self.adacache_config)
         with torch.no_grad():
-            return entry.captured.unflatten(run_step(session, entry, inputs))
+            return entry.captured.unflatten(run_step(session, entry, inputs), args, kwargs)
 
 
 class CachedTransformer(ProgramRuntime):

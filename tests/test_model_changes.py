@@ -79,6 +79,30 @@ def test_every_lora_operation_is_honoured_from_the_next_generation(wan):
     assert torch.allclose(seen["delete_adapters"], base, atol=1e-5)
 
 
+class HalvedAttention:
+    """An attention processor as speedups and adapters install them: wraps Wan's own and changes its output."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return 0.5 * self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def test_an_attention_processor_set_after_capture_is_honoured_from_the_next_generation(wan):
+    model, kwargs, cached = wan
+    base = _reference(model, kwargs)
+    _assert_matches_model(cached, model, kwargs)
+    captures_before = cached.captures.captures_made
+    processors = model.attn_processors
+    model.set_attn_processor({name: HalvedAttention(p) for name, p in processors.items()})
+    assert not torch.allclose(_reference(model, kwargs), base, atol=1e-4), "the processor changes the output"
+    _assert_matches_model(cached, model, kwargs)
+    assert cached.captures.captures_made == captures_before + 1
+    model.set_attn_processor(processors)  # back to the processors of the first capture
+    _assert_matches_model(cached, model, kwargs)
+
+
 def test_no_change_no_recapture_and_in_place_updates_need_none(wan):
     model, kwargs, cached = wan
     _first_step(cached, kwargs)

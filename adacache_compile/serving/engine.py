@@ -263,7 +263,7 @@ class BatchedTransformer(torch.nn.Module):
         programs = self._programs_for(entry, request.config)
         row = RowEntry(self, entry, programs, self._layout(entry, inputs, args, kwargs), request, self._model_serial)
         with torch.no_grad():
-            return entry.captured.unflatten(run_step(session, row, inputs))
+            return entry.captured.unflatten(run_step(session, row, inputs), args, kwargs)
 
     def _programs_for(self, entry, config: AdaCacheConfig) -> RowPrograms:
         key = (entry.serial, config.forecast_order)
