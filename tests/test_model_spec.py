@@ -89,6 +89,39 @@ def test_inspect_a_model_directory_with_shape_flags_and_a_safetensors_file(wan_p
     assert source["inputs"] == f"safetensors {tmp_path / 'inputs.safetensors'}"
 
 
+def test_an_export_is_a_drop_in_for_a_plain_call_of_the_model(wan_pipeline_dir, tmp_path):
+    """Exported with the CLI from a model directory and a safetensors file of inputs, the loaded runtime takes the
+    call a user makes on the model: return_dict at its default (True) gives the model's output class, False its
+    tuple; both equal the model's output (the first call computes). Another non-tensor argument is refused by name."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from adacache_compile.errors import InputMismatchError
+
+    model_dir = wan_pipeline_dir / "transformer"
+    _, inputs = tiny_wan_factory()
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    out = tmp_path / "export"
+    assert main(["export", str(model_dir), str(out), "--inputs", str(tmp_path / "inputs.safetensors")]) == 0
+    model = WanTransformer3DModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = model(**inputs)  # return_dict at its default
+        runtime = load(out, "onnxruntime")
+        with runtime.generation(num_steps=2):
+            as_dict = runtime(**inputs)
+        with runtime.generation(num_steps=2):
+            (as_tuple,) = runtime(**inputs, return_dict=False)
+    assert type(as_dict) is type(expected)
+    # float32 through onnxruntime against eager torch: kernels sum in another order (1e-4 of the output's range).
+    scale = float(expected.sample.abs().max())
+    for actual in (as_dict.sample, as_tuple):
+        assert float((actual - expected.sample).abs().max()) <= 1e-4 * scale
+    with pytest.raises(
+        InputMismatchError, match=r"argument 'attention_kwargs': captured None, got a dict with keys \['scale'\]"
+    ):
+        runtime(**inputs, attention_kwargs={"scale": 0.5})
+
+
 def test_export_from_a_factory(tmp_path):
     out = tmp_path / "export"
     assert main(["export", "test_model_spec:tiny_wan_factory", str(out)]) == 0

@@ -260,6 +260,75 @@ def test_truncated_onnx_with_a_matching_hash_is_refused(exported, tmp_path):
         load(out_dir)
 
 
+def _move_out(out_dir, manifest, name: str) -> str:
+    """Move ``full.onnx`` next to the export directory and point the manifest at it by ``name``'s spelling."""
+    outside = out_dir.parent / "x.onnx"
+    shutil.move(out_dir / "full.onnx", outside)
+    target = "../x.onnx" if name == "dotdot" else str(outside.resolve())
+    manifest["programs"]["full"]["file"] = target
+    manifest["files"][target] = manifest["files"].pop("full.onnx")
+    return target
+
+
+@pytest.mark.parametrize("spelling", ["dotdot", "absolute"])
+def test_a_manifest_naming_a_file_outside_the_directory_is_refused(exported, tmp_path, spelling):
+    from adacache_compile.export import load
+
+    out_dir = _copy_with(exported, tmp_path, lambda d, m: _move_out(d, m, spelling))
+    with pytest.raises(ArtifactError, match=r"must be named relative to the directory, without '\.\.'"):
+        load(out_dir)
+
+
+def test_a_symlink_out_of_the_directory_is_refused(exported, tmp_path):
+    from adacache_compile.export import load
+
+    def link_out(out_dir, manifest):
+        shutil.move(out_dir / "full.onnx", out_dir.parent / "x.onnx")
+        (out_dir / "full.onnx").symlink_to(out_dir.parent / "x.onnx")
+
+    out_dir = _copy_with(exported, tmp_path, link_out)
+    with pytest.raises(ArtifactError, match=r"outside .* \(a symbolic link out of the export directory\)"):
+        load(out_dir)
+
+
+def _externalise_one_initializer(out_dir, manifest, location: str, list_it: bool):
+    """Rewrite full.onnx so that its largest initializer is read from ``location`` (relative to the file)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    from adacache_compile.export.manifest import sha256_file
+
+    model = onnx.load(str(out_dir / "full.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    data = out_dir / location
+    data.write_bytes(tensor.raw_data)
+    set_external_data(tensor, location=location, offset=0, length=len(tensor.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    (out_dir / "full.onnx").write_bytes(model.SerializeToString())
+    manifest["files"]["full.onnx"] = sha256_file(out_dir / "full.onnx")
+    if list_it:
+        manifest["files"][location] = sha256_file(data)
+
+
+def test_onnx_external_data_outside_the_directory_is_refused(exported, tmp_path):
+    from adacache_compile.export import load
+
+    out_dir = _copy_with(exported, tmp_path, lambda d, m: _externalise_one_initializer(d, m, "../w.data", False))
+    with pytest.raises(ArtifactError, match=r"external-data location '\.\./w\.data'.*without '\.\.'"):
+        load(out_dir)
+
+
+def test_onnx_external_data_not_hashed_in_the_manifest_is_refused_and_loads_when_listed(exported, tmp_path):
+    from adacache_compile.export import load
+
+    out_dir = _copy_with(exported, tmp_path, lambda d, m: _externalise_one_initializer(d, m, "w.data", False))
+    with pytest.raises(ArtifactError, match=r"external data 'w\.data' has no sha256 in manifest\.json"):
+        load(out_dir)
+    listed = _copy_with(exported, tmp_path / "listed", lambda d, m: _externalise_one_initializer(d, m, "w.data", True))
+    assert load(listed) is not None  # the same layout, listed and hashed: a valid export directory
+
+
 @pytest.mark.parametrize(
     ("built", "why"),
     [

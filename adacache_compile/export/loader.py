@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError
-from .fingerprint import onnx_fingerprint
+from .fingerprint import onnx_header
 from .manifest import (
     MANIFEST_NAME,
     ExportManifest,
     check_engine_environment,
+    contained_path,
     gpu_versions,
     library_versions,
     model_fingerprint,
@@ -32,8 +33,18 @@ def verify_export(out_dir: str | os.PathLike, manifest: ExportManifest, *, model
     out_dir = Path(out_dir)
     verify_artifacts(out_dir, manifest, same_versions=("tensorrt",) if manifest.runtime.get("engines") else ())
     recorded = manifest.model.get("weights_sha256")
-    for program in manifest.programs.values():
-        stamped = onnx_fingerprint(out_dir / program.file)
+    for name, program in manifest.programs.items():
+        program_dir = Path(program.file).parent.as_posix()
+        stamped, locations = onnx_header(out_dir / program.file)
+        for location in locations:
+            # onnxruntime reads external data relative to the ONNX file: it must stay inside and be hashed.
+            relative = location if program_dir == "." else f"{program_dir}/{location}"
+            contained_path(out_dir, relative, f"program {name!r}: the ONNX external-data location {location!r}")
+            if Path(relative).as_posix() not in manifest.files:
+                raise ArtifactError(
+                    f"{out_dir / program.file}: external data {location!r} has no sha256 in {MANIFEST_NAME}; a file "
+                    "that load() reads must be listed and hashed in `files` (re-export the directory)"
+                )
         if stamped != recorded:
             raise ArtifactError(
                 f"{out_dir / MANIFEST_NAME}: model fingerprint {recorded} does not match the one {program.file} was "
@@ -87,6 +98,13 @@ def _trt_programs(out_dir: Path, manifest: ExportManifest, cuda_graphs: bool) ->
     engines = manifest.runtime.get("engines") or {}
     if set(engines) != set(manifest.programs):
         raise ArtifactError(f"{out_dir}: no TensorRT engines recorded in the manifest; run build_engines first")
+    paths = {}
+    for name, file in engines.items():
+        paths[name] = contained_path(out_dir, file, f"runtime.engines[{name!r}]")
+        if file not in manifest.files:
+            raise ArtifactError(
+                f"{out_dir / file}: the {name} engine has no sha256 in {MANIFEST_NAME}; run build_engines again"
+            )
     check_engine_environment(manifest.versions, {**library_versions(), **gpu_versions()}, str(out_dir))
     from .tensorrt import load_trt_programs
 
@@ -94,6 +112,4 @@ def _trt_programs(out_dir: Path, manifest: ExportManifest, cuda_graphs: bool) ->
         name: ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
         for name, spec in manifest.programs.items()
     }
-    return load_trt_programs(
-        {name: out_dir / file for name, file in engines.items()}, io_names=io_names, cuda_graphs=cuda_graphs
-    )
+    return load_trt_programs(paths, io_names=io_names, cuda_graphs=cuda_graphs)

@@ -42,6 +42,7 @@ __all__ = [
     "ProgramSpec",
     "TensorSpec",
     "check_engine_environment",
+    "contained_path",
     "gpu_versions",
     "hash_artifacts",
     "library_versions",
@@ -211,6 +212,29 @@ def read_export_manifest(out_dir: str | os.PathLike) -> ExportManifest:
     return manifest
 
 
+def contained_path(out_dir: str | os.PathLike, name: str, what: str) -> Path:
+    """``out_dir / name`` when ``name`` is a relative path that stays inside ``out_dir`` (symbolic links resolved);
+    ``ArtifactError`` naming ``what`` (a manifest field, an ONNX external-data location) otherwise. A manifest is data:
+    it must not make ``load`` read a file outside the directory it was asked to load."""
+    out_dir = Path(out_dir)
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{out_dir / MANIFEST_NAME}: {what}: expected a relative file name, got {name!r}")
+    relative = Path(name)
+    if relative.is_absolute() or name.startswith(("/", "\\")) or ".." in relative.parts or "\\" in name:
+        raise ArtifactError(
+            f"{out_dir / MANIFEST_NAME}: {what} is {name!r}: every file of an export directory must be named "
+            "relative to the directory, without '..' (re-export the directory)"
+        )
+    path = out_dir / relative
+    root = out_dir.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ArtifactError(
+            f"{out_dir / MANIFEST_NAME}: {what} is {name!r}, which resolves to {path.resolve()}, outside {root} "
+            "(a symbolic link out of the export directory); copy the file into the directory and re-export"
+        )
+    return path
+
+
 def verify_artifacts(
     out_dir: str | os.PathLike, manifest: Manifest, *, same_versions: Sequence[str] | None = None
 ) -> None:
@@ -222,7 +246,10 @@ def verify_artifacts(
             f"{out_dir / MANIFEST_NAME}: unknown format version {manifest.format_version!r}; expected one of "
             f"{list(READABLE_FORMAT_VERSIONS)}"
         )
+    for name in manifest.files:
+        contained_path(out_dir, name, f"files[{name!r}]")
     for program_name, program in manifest.programs.items():
+        contained_path(out_dir, program.file, f"programs[{program_name!r}].file")
         if program.file not in manifest.files:
             raise ArtifactError(f"{out_dir / program.file}: program {program_name!r} has no sha256 in the manifest")
     for name, expected in manifest.files.items():

@@ -455,16 +455,7 @@ def export_program(
 
 def onnx_artifact_files(path: str | os.PathLike) -> list[Path]:
     """The ONNX file and every external-data file it references (to hash or copy them together)."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
+    from .fingerprint import onnx_header
 
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in _get_all_tensors(model)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return [path] + [path.parent / location for location in sorted(locations)]
+    return [path] + [path.parent / location for location in onnx_header(path).external_locations]

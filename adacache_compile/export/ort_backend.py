@@ -70,7 +70,7 @@ class OrtProgram:
         self._input_dtypes = [_ORT_TO_TORCH_DTYPE.get(i.type) for i in self.session.get_inputs()]
         self._output_dtypes = [_ORT_TO_TORCH_DTYPE.get(o.type) for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
-        self.device = torch.device("cuda") if self._on_cuda else torch.device("cpu")
+        self.device = torch.device("cuda", _device_id(self.session)) if self._on_cuda else torch.device("cpu")
         logger.debug("%s: providers %s", self.path.name, self.providers)
 
     @property
@@ -112,7 +112,7 @@ class OrtProgram:
                 tensor.data_ptr(),
             )
         for name in self.output_names:
-            binding.bind_output(name, "cuda", self.device.index or 0)
+            binding.bind_output(name, "cuda", self.device.index)
         torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
@@ -133,3 +133,11 @@ def _ortvalue_to_torch(value) -> torch.Tensor:
         return torch.utils.dlpack.from_dlpack(value.to_dlpack())
     except (AttributeError, RuntimeError):
         return torch.from_numpy(value.numpy()).to("cuda")
+
+
+def _device_id(session) -> int:
+    """The GPU the session's first provider runs on: its ``device_id`` option (``("CUDAExecutionProvider",
+    {"device_id": 1})``), 0 by default; inputs are moved there and outputs bound there."""
+    provider = session.get_providers()[0]
+    options = session.get_provider_options().get(provider, {})
+    return int(options.get("device_id", 0) or 0)

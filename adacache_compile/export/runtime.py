@@ -9,6 +9,7 @@ dim inside its profile range and dims sharing an axis name equal (``InputMismatc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ..capture import CallSignature, Captured, InputSpec
+from ..capture import CallSignature, Captured, InputSpec, normalize_call
 from ..capture_cache import programs_serve
 from ..config import AdaCacheConfig
 from ..errors import ArtifactError, InputMismatchError
@@ -43,6 +44,25 @@ class ExportedCall(Captured):
 
     axes: list[dict[int, str]] = field(default_factory=list)
     profile_ranges: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Output-form arguments (``return_dict``) honoured on the host: name -> (leaf index, {value: out_spec}).
+    output_forms: dict[str, tuple[int, dict[bool, pytree.TreeSpec]]] = field(default_factory=dict)
+
+    def host_side(self, signature: CallSignature) -> CallSignature:
+        """A call whose ``return_dict`` differs from the exported call runs the same programs: compare it as if it
+        had the exported value (:meth:`unflatten` wraps the outputs as it asked)."""
+        constants = dict(signature.constants)
+        for leaf, forms in self.output_forms.values():
+            if constants.get(leaf) in forms:
+                constants[leaf] = dict(self.signature.constants)[leaf]
+        return dataclasses.replace(signature, constants=tuple(constants.items()))
+
+    def unflatten(self, outputs, args: tuple = (), kwargs: dict | None = None):
+        spec = self.out_spec
+        if self.output_forms:
+            _, bound = normalize_call(self.model_forward_signature, args, dict(kwargs or {}))
+            for name, (_, forms) in self.output_forms.items():
+                spec = forms.get(bound.get(name), spec)
+        return pytree.tree_unflatten(list(outputs), spec)
 
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         tensors = super().flatten(args, kwargs)
@@ -140,9 +160,8 @@ class ExportedCapture:
         """Caching disabled: the full program on every call."""
         entry, inputs = self.lookup(args, kwargs, None)
         programs = entry.programs
-        return entry.captured.unflatten(
-            programs.decode_full(entry.run_full(*inputs, programs.zero_tap(inputs))).outputs
-        )
+        outputs = programs.decode_full(entry.run_full(*inputs, programs.zero_tap(inputs))).outputs
+        return entry.captured.unflatten(outputs, args, kwargs)
 
 
 class ExportedTransformer(ProgramRuntime):
@@ -173,6 +192,34 @@ class ExportedTransformer(ProgramRuntime):
     def device(self) -> torch.device:
         """Where the programs run (onnxruntime: ``cpu`` or ``cuda``; TensorRT: ``cuda``)."""
         return self._captures.entry.captured.input_specs[0].device
+
+
+def _output_forms(recorded: dict[str, Any]) -> dict[str, tuple[int, dict[bool, pytree.TreeSpec]]]:
+    """The manifest's ``runtime.output_forms``; a form whose output type is not importable here (a diffusers output
+    class without diffusers imported) is left out, so a call asking for it is refused naming the argument."""
+    forms = {}
+    for name, entry in recorded.items():
+        specs = {}
+        for value, dumped in entry["forms"].items():
+            try:
+                specs[value == "true"] = pytree.treespec_loads(dumped)
+            except (KeyError, NotImplementedError, ValueError, TypeError):
+                if _import_output_module(dumped):
+                    specs[value == "true"] = pytree.treespec_loads(dumped)
+        forms[name] = (int(entry["leaf"]), specs)
+    return forms
+
+
+def _import_output_module(dumped: str) -> bool:
+    """Import diffusers when a serialised output structure names one of its classes (pytree knows a class only once
+    its module registered it); nothing else is imported on a manifest's word."""
+    if '"diffusers.' not in dumped:
+        return False
+    try:
+        import diffusers.models.modeling_outputs  # noqa: F401  (registers diffusers' BaseOutput classes)
+    except ImportError:
+        return False
+    return True
 
 
 def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> ExportedEntry:
@@ -213,6 +260,7 @@ def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> Expor
             model_forward_signature=forward_signature_from(runtime["forward_signature"]),
             axes=axes,
             profile_ranges=dict(manifest.profile_ranges),
+            output_forms=_output_forms(runtime.get("output_forms", {})),
         )
         config = AdaCacheConfig.from_dict(manifest.config)
         contract = Programs(

@@ -68,4 +68,58 @@ def runtime_section(entry) -> dict[str, Any]:
         "tap": plan.tap,
         "describe": plan.describe(),
         "engines": {},
+        "output_forms": output_forms(entry),
     }
+
+
+# Arguments that only choose how the model wraps its outputs: the exported programs compute the same tensors either
+# way, so the runtime honours the caller's value on the host instead of refusing it.
+OUTPUT_FORM_ARGUMENTS = ("return_dict",)
+
+
+def output_forms(entry) -> dict[str, dict[str, Any]]:
+    """``{argument: {"leaf": i, "forms": {json value: out_spec}}}`` for the output-form arguments of the captured
+    call: the model is run once (no_grad, the capture's example inputs) with each other value of a boolean argument,
+    to record the output structure it returns then. An argument whose other value changes the output tensors is left
+    out (a call with it is refused, naming it)."""
+    import torch
+    import torch.utils._pytree as pytree
+    from torch.utils._pytree import treespec_dumps
+
+    from ..capture import _leaf_names
+
+    captured, plan = entry.captured, entry.plan
+    signature = captured.signature
+    names = _leaf_names(signature.in_spec, signature.in_spec.num_leaves)
+    constants = dict(signature.constants)
+    forms = {}
+    for leaf, value in constants.items():
+        name = names[leaf].removeprefix("args.")
+        if name not in OUTPUT_FORM_ARGUMENTS or not isinstance(value, bool):
+            continue
+        leaves = [None] * signature.in_spec.num_leaves
+        for i, tensor in zip(signature.tensor_leaves, plan.example_inputs):
+            leaves[i] = tensor
+        for i, constant in constants.items():
+            leaves[i] = (not constant) if i == leaf else constant
+        args, kwargs = pytree.tree_unflatten(leaves, signature.in_spec)
+        with torch.no_grad():
+            other = plan.model(*args, **kwargs)
+        other_leaves, other_spec = pytree.tree_flatten(other)
+        if len(other_leaves) != captured.out_spec.num_leaves:
+            continue
+        try:
+            forms[name] = {
+                "leaf": leaf,
+                "forms": {
+                    json_key(value): treespec_dumps(captured.out_spec),
+                    json_key(not value): treespec_dumps(other_spec),
+                },
+            }
+        except (TypeError, NotImplementedError):  # an output type pytree cannot serialise
+            continue
+    return forms
+
+
+def json_key(value: bool) -> str:
+    return "true" if value else "false"

@@ -104,12 +104,23 @@ def drop_skip_passthrough(path: Path, output_names: Sequence[str], compute_name:
     onnx.save(model, str(path))
 
 
+def _subgraph_reads(node) -> set[str]:
+    """Every value name read by the nodes of ``node``'s subgraphs (``g`` and ``graphs`` attributes), recursively."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                names.update(inner.input)
+                names |= _subgraph_reads(inner)
+    return names
+
+
 def _drop_dead_nodes(graph) -> None:
     """Remove the nodes of ``graph`` (a branch) whose outputs nothing reads any more."""
     while True:
         used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-        # Values read inside a nested subgraph (an If or Loop within the branch) count too.
-        used |= {name for node in graph.node for attr in node.attribute for sub in attr.g.node for name in sub.input}
+        # Values read inside nested subgraphs (an If or Loop within the branch, at any depth) count too.
+        used |= {name for node in graph.node for name in _subgraph_reads(node)}
         dead = [node for node in graph.node if node.output and not any(out in used for out in node.output)]
         if not dead:
             return

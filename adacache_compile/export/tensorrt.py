@@ -10,6 +10,7 @@ CUDA graph per engine and shape.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -189,6 +190,41 @@ def _device_memory_size(engine) -> int:
     return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
 
 
+def _runtime(trt):
+    """A TensorRT runtime with the standard plugin library registered first: an engine that uses a plugin layer
+    deserialises only when its creator is registered."""
+    logger_ = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger_, "")
+    return trt.Runtime(logger_)
+
+
+class _OutputAllocator:
+    """TensorRT's ``IOutputAllocator`` for outputs whose shape is known only while the engine runs (the single-file
+    engine's ``If``: its deltas are empty on a skip step): TensorRT asks for the memory and reports the shape."""
+
+    def __new__(cls, trt, device):
+        class Allocator(trt.IOutputAllocator):
+            def __init__(self):
+                trt.IOutputAllocator.__init__(self)
+                self.buffers: dict[str, torch.Tensor] = {}
+                self.shapes: dict[str, tuple[int, ...]] = {}
+
+            def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+                buffer = self.buffers.get(tensor_name)
+                if buffer is None or buffer.numel() < size:
+                    buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
+                    self.buffers[tensor_name] = buffer
+                return buffer.data_ptr()
+
+            def reallocate_output(self, tensor_name, memory, size, alignment):  # TensorRT before 10.0
+                return self.reallocate_output_async(tensor_name, memory, size, alignment, None)
+
+            def notify_shape(self, tensor_name, shape):
+                self.shapes[tensor_name] = tuple(shape)
+
+        return Allocator()
+
+
 class TrtProgram:
     """One engine with one execution context whose activations live in memory the caller provides.
 
@@ -209,7 +245,7 @@ class TrtProgram:
         trt = require_tensorrt()
         self._trt = trt
         self.path = Path(engine_path)
-        runtime = runtime or trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        runtime = runtime or _runtime(trt)
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"{self.path}: TensorRT could not deserialize the engine (built by another version?)")
@@ -228,9 +264,10 @@ class TrtProgram:
         self.device_memory_size = _device_memory_size(self.engine)
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple[Shape, ...], tuple] = {}
-        self._seen_shapes: set[tuple[Shape, ...]] = set()
+        self._graphs: dict[tuple, tuple] = {}
+        self._seen_shapes: set[tuple] = set()
         self._device_memory: torch.Tensor | None = None
+        self._allocator = None  # created at the first output whose shape depends on input values
 
     def bind_device_memory(self, buffer: torch.Tensor) -> None:
         """Point the context's activations at ``buffer`` (a CUDA uint8 tensor of at least ``device_memory_size``
@@ -244,17 +281,38 @@ class TrtProgram:
         self._device_memory = buffer
         self._graphs.clear()  # captured graphs baked in the old address
 
-    def _bind(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _bind(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Bind inputs and outputs; an output whose shape depends on input values (-1 in its shape once the input
+        shapes are set) goes to the output allocator and is None here (read by :meth:`_collect` after the run)."""
         for name, tensor in zip(self.input_names, tensors):
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = []
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
+            if any(size < 0 for size in shape):
+                if self._allocator is None:
+                    self._allocator = _OutputAllocator(self._trt, self.device)
+                self.context.set_output_allocator(name, self._allocator)
+                outputs.append(None)
+                continue
             output = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
             self.context.set_tensor_address(name, output.data_ptr())
             outputs.append(output)
         return outputs
+
+    def _collect(self, outputs: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+        """The outputs of a run: the allocator's buffers viewed with the shapes TensorRT reported (cloned: the
+        allocator reuses its buffers on the next run)."""
+        collected = []
+        for name, output in zip(self.output_names, outputs):
+            if output is None:
+                shape, dtype = self._allocator.shapes[name], self._dtypes[name]
+                count = math.prod(shape)
+                data = self._allocator.buffers[name][: count * torch.empty((), dtype=dtype).element_size()]
+                output = data.view(dtype)[:count].reshape(shape).clone()
+            collected.append(output)
+        return tuple(collected)
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
@@ -278,7 +336,9 @@ class TrtProgram:
         if self._device_memory is None:
             raise RuntimeError(f"{self.path.name}: no device memory bound; use load_trt_programs or bind_device_memory")
         inputs = self._prepare(tensors)
-        key = tuple(tuple(t.shape) for t in inputs)
+        # A graph replays one control path: the values of boolean scalar inputs (the single-file engine's
+        # ``compute``) choose it, so they are part of the key with the shapes.
+        key = (tuple(tuple(t.shape) for t in inputs), _flags(tensors))
         if self.cuda_graphs and key in self._graphs:
             graph, static_inputs, static_outputs = self._graphs[key]
             for static, tensor in zip(static_inputs, inputs):
@@ -292,9 +352,13 @@ class TrtProgram:
         outputs = self._bind(inputs)
         self._execute()
         self._seen_shapes.add(key)
+        if any(output is None for output in outputs):
+            torch.cuda.current_stream(self.device).synchronize()  # the reported shapes are final after the run
+            self.cuda_graphs = False  # memory allocated during the run cannot be baked into a graph
+            return self._collect(outputs)
         return tuple(outputs)
 
-    def _capture(self, key: tuple[Shape, ...], inputs: Sequence[torch.Tensor]) -> None:
+    def _capture(self, key: tuple, inputs: Sequence[torch.Tensor]) -> None:
         static_inputs = [t.clone() for t in inputs]
         static_outputs = self._bind(static_inputs)
         graph = torch.cuda.CUDAGraph()
@@ -309,6 +373,11 @@ class TrtProgram:
         self._graphs[key] = (graph, static_inputs, static_outputs)
 
 
+def _flags(tensors: Sequence[torch.Tensor]) -> tuple[bool, ...]:
+    """The values of the one-element boolean inputs (read on the host: the runtime makes them there)."""
+    return tuple(bool(t.item()) for t in tensors if t.dtype == torch.bool and t.numel() == 1)
+
+
 def load_trt_programs(
     engine_paths: Mapping[str, str | os.PathLike],
     *,
@@ -319,7 +388,7 @@ def load_trt_programs(
     ``plan_shared_activation_memory``. ``io_names`` maps a program to its (input names, output names) in manifest
     order; without it the engine's order is used."""
     trt = require_tensorrt()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = _runtime(trt)
     io_names = io_names or {}
     programs = {}
     for name, path in engine_paths.items():
