@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # The demo's testbed: make demo TESTBED=ltx-textures
 TESTBED ?= latte-shapes
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-all lint venv clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check adacache_compile tests examples benchmarks
 	$(BIN)/ruff format --check adacache_compile tests examples benchmarks
 
+# --dist loadscope: a module's tests share one worker, so a module-scoped fixture (a capture, an export) is built once.
 test: $(STAMP) lint
-	$(BIN)/pytest -q -n 2 -m "not gpu and not tensorrt"
+	$(BIN)/pytest -q -n 2 --dist loadscope -m "not gpu and not tensorrt and not slow"
+
+# Also the tests marked slow (benchmark scripts' smoke runs, second families and testbeds of a covered path).
+test-all: $(STAMP) lint
+	$(BIN)/pytest -q -n 2 --dist loadscope -m "not gpu and not tensorrt"
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -38,6 +38,7 @@ NUM_STEPS = 8
 VIDEOS = [("disc", 0, 3100), ("cross", 3, 3101)]
 
 
+@pytest.mark.slow  # a benchmark script's smoke run (30 s on 2 cores): make test-all
 @needs_checkpoint
 def test_bench_end_to_end(tmp_path):
     torch.set_num_threads(1)
@@ -116,6 +117,7 @@ def _module_attributes(testbed):
     return {name: set(vars(module)) for name, module in testbed.transformer.named_modules()}
 
 
+@pytest.mark.slow  # every peer end to end (40-70 s each on 2 cores): make test-all
 @pytest.mark.parametrize("name", EACH_TESTBED)
 def test_bench_peers_apply_on_each_testbed(tmp_path, name):
     """The peers of both testbeds run end to end through run_bench on one video: cache-dit with and without its
@@ -410,6 +412,7 @@ def test_skip_cost_smoke(capsys):
     assert "skip / full = " in out and "full program" in out
 
 
+@pytest.mark.slow  # a benchmark script's smoke run (40 s on 2 cores): make test-all
 def test_single_file_benchmark_smoke(capsys):
     pytest.importorskip("onnxruntime")
     from benchmarks.single_file import main
@@ -423,6 +426,7 @@ def test_single_file_benchmark_smoke(capsys):
     assert result["passed_through_bytes"] == 0 < result["cached_bytes"]
 
 
+@pytest.mark.slow  # a benchmark script's smoke run (30 s on 2 cores): make test-all
 def test_gpu_check_cpu_dry_run(tmp_path):
     pytest.importorskip("diffusers")
     from benchmarks.gpu_check import main
@@ -438,6 +442,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert report["full_eager_ms"] > 0 and report["skip_eager_ms"] > 0
 
 
+@pytest.mark.slow  # a benchmark script's smoke run (40 s on 2 cores): make test-all
 @needs_checkpoint
 def test_schedule_search_smoke(tmp_path):
     from benchmarks.schedule_search import grid, main

@@ -42,8 +42,13 @@ RTOL = 1e-5
 DELTA_RTOL = 2e-5
 
 FAMILIES = list(DYNAMIC_BATCH)
-# Every diffusers family that exports (Latte and Wan's two-program exports are tested in test_export_integration.py).
-SINGLE_FILE_FAMILIES = ["latte", "cogvideox", "wan", "ltx", "hunyuan", "mochi", "allegro"]
+# The single-file rewrite (one If; the skip branch's deltas empty) depends on how many streams and block stacks the
+# programs carry, not on the family's ops (the two-program exports above and in test_export_integration.py hold every
+# family's ops to parity): Latte (two block stacks, one stream), CogVideoX (two streams: hidden and encoder states)
+# and HunyuanVideo (two streams, then a single-stream stack) cover those layouts. Wan, LTX-Video, Allegro (one stack,
+# one stream, as Latte's first) and Mochi (two streams, as CogVideoX) were checked the same way before and left out
+# of CI for time (each export takes 15-60 s on 2 cores).
+SINGLE_FILE_FAMILIES = ["latte", "cogvideox", "hunyuan"]
 
 
 class BoolMaskOps(torch.nn.Module):
@@ -125,7 +130,11 @@ def test_tensorrt_check_finds_no_errors_and_the_documented_warnings(exported):
     assert {f.op_type for f in findings if f.severity == "warning"} == EXPECTED_WARNING_OPS[family]
 
 
-@pytest.fixture(scope="module", params=SINGLE_FILE_FAMILIES)
+@pytest.fixture(
+    scope="module",
+    # HunyuanVideo's single file takes 50 s on 2 cores: make test-all.
+    params=[pytest.param(f, marks=pytest.mark.slow) if f == "hunyuan" else f for f in SINGLE_FILE_FAMILIES],
+)
 def exported_single_file(request, tmp_path_factory):
     """The single-file export of a family. Static shapes and no check inside to_onnx keep it quick: the parity test
     below is the check (dynamic axes of the single file are covered on the testbed, test_single_program.py)."""

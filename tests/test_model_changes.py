@@ -55,15 +55,15 @@ def test_every_lora_operation_is_honoured_from_the_next_generation(wan):
     model, kwargs, cached = wan
     base = _reference(model, kwargs)
     operations = [
+        # One operation per field of peft's state that model_state reads (adapters and their modules, active
+        # adapters, scaling, disabled, merged), each a re-capture (5-15 s on 2 cores): enable_lora and unfuse_lora
+        # undo disable_lora and fuse_lora through the same fields.
         ("add_adapter", lambda: cached.add_adapter(_lora(1), adapter_name="one")),
         ("add a second adapter", lambda: cached.add_adapter(_lora(2), adapter_name="two")),
-        ("set_adapters", lambda: cached.set_adapters(["one", "two"])),
         ("set_adapters(weights=...)", lambda: cached.set_adapters(["one", "two"], weights=[0.5, 1.5])),
         ("disable_lora", lambda: cached.disable_lora()),
-        ("enable_lora", lambda: cached.enable_lora()),
-        ("fuse_lora", lambda: cached.fuse_lora()),
-        ("unfuse_lora", lambda: cached.unfuse_lora()),
-        ("delete_adapters", lambda: cached.delete_adapters(["one", "two"])),
+        ("fuse_lora", lambda: (cached.enable_lora(), cached.fuse_lora())),
+        ("delete_adapters", lambda: (cached.unfuse_lora(), cached.delete_adapters(["one", "two"]))),
     ]
     seen = {"base": base}
     for name, operation in operations:
@@ -74,7 +74,7 @@ def test_every_lora_operation_is_honoured_from_the_next_generation(wan):
         seen[name] = _reference(model, kwargs)
     # The operations really changed the model (so matching it is not matching the base model by accident).
     assert not torch.allclose(seen["add_adapter"], base, atol=1e-4)
-    assert not torch.allclose(seen["set_adapters(weights=...)"], seen["set_adapters"], atol=1e-4)
+    assert not torch.allclose(seen["set_adapters(weights=...)"], seen["add a second adapter"], atol=1e-4)
     assert torch.allclose(seen["disable_lora"], base, atol=1e-5)
     assert torch.allclose(seen["delete_adapters"], base, atol=1e-5)
 

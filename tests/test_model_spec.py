@@ -82,11 +82,9 @@ def test_inspect_a_model_directory_with_shape_flags_and_a_safetensors_file(wan_p
     assert "WanTransformerBlock" in capsys.readouterr().out
     _, inputs = tiny_wan_factory()
     save_file(inputs, tmp_path / "inputs.safetensors")
-    out = tmp_path / "export"
-    assert main(["export", str(model_dir), str(out), "--inputs", str(tmp_path / "inputs.safetensors")]) == 0
-    source = json.loads((out / "manifest.json").read_text())["runtime"]["example_inputs"]
-    assert source["model"]["kind"] == "model_dir" and source["model"]["class"] == "WanTransformer3DModel"
-    assert source["inputs"] == f"safetensors {tmp_path / 'inputs.safetensors'}"
+    assert main(["inspect", str(model_dir), "--inputs", str(tmp_path / "inputs.safetensors")]) == 0
+    assert "WanTransformerBlock" in capsys.readouterr().out
+    # Its export: test_an_export_is_a_drop_in_for_a_plain_call_of_the_model.
 
 
 def test_an_export_is_a_drop_in_for_a_plain_call_of_the_model(wan_pipeline_dir, tmp_path):
@@ -103,6 +101,9 @@ def test_an_export_is_a_drop_in_for_a_plain_call_of_the_model(wan_pipeline_dir, 
     save_file(inputs, tmp_path / "inputs.safetensors")
     out = tmp_path / "export"
     assert main(["export", str(model_dir), str(out), "--inputs", str(tmp_path / "inputs.safetensors")]) == 0
+    source = json.loads((out / "manifest.json").read_text())["runtime"]["example_inputs"]
+    assert source["model"]["kind"] == "model_dir" and source["model"]["class"] == "WanTransformer3DModel"
+    assert source["inputs"] == f"safetensors {tmp_path / 'inputs.safetensors'}"
     model = WanTransformer3DModel.from_pretrained(model_dir).eval()
     with torch.no_grad():
         expected = model(**inputs)  # return_dict at its default

@@ -24,7 +24,6 @@ from adacache_compile import optimize  # noqa: E402
 RTOL = 1e-4  # relative to the output scale: inductor reorders float32 reductions
 
 
-@pytest.mark.slow
 def test_inductor_matches_eager_without_recompiles():
     model = tiny_latte()
     latents, prompt = make_inputs(0)

@@ -90,6 +90,7 @@ def label_samples(testbed):
     return sample_accuracy(testbed, seeds_per_label=1, num_steps=SAMPLE_CHECK_STEPS)
 
 
+@pytest.mark.slow  # the testbed's quality, not the library's (30 s of sampling on 2 cores): make test-all
 @needs_checkpoint
 def test_samples_follow_their_shape_label_above_chance(label_samples):
     """Uncached samples are classified as the shape they were asked for clearly more often than chance (25 %)."""
@@ -97,6 +98,7 @@ def test_samples_follow_their_shape_label_above_chance(label_samples):
     assert accuracy >= SAMPLE_CHECK_MIN_ACCURACY, (accuracy, labels)
 
 
+@pytest.mark.slow  # shares the samples of the test above: make test-all
 @needs_checkpoint
 def test_samples_follow_their_motion_label(label_samples):
     """The motion bucket steers the samples: asked-for static videos change far less from frame to frame than
