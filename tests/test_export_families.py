@@ -80,7 +80,11 @@ def test_bool_mask_rewrites_run_in_onnxruntime_and_pass_the_tensorrt_check(tmp_p
         assert torch.equal(actual, expected)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# Allegro (one stream, one stack, as Latte and LTX-Video) and the hand-written DiT: make test-all (about 30 s).
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(f, marks=pytest.mark.slow) if f in ("allegro", "tiny-dit") else f for f in FAMILIES],
+)
 def exported(request, tmp_path_factory):
     family = request.param
     model, kwargs = build(family)
