@@ -204,7 +204,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cpu-dry-run", action="store_true", help="--gpu's code on the CPU in float32 (give tiny Wan sizes)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="JSON results (default $OUT/batch_serving.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON results: a file, or a directory for batch_serving.json in it (default $OUT)",
+    )
     add_wan_arguments(parser)
     # The GPU variant's defaults: a 1.3B-shaped Wan on a small latent, so that K = 8 (16 rows) fits minutes.
     parser.set_defaults(frames=5, height=30, width=52, text_len=128)
@@ -249,7 +254,9 @@ def main(argv=None) -> int:
         "repeats": repeats,
         "results": results,
     }
-    out = args.out or (Path(os.environ["OUT"]) / "batch_serving.json" if os.environ.get("OUT") else None)
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    if out is not None and (out.is_dir() or not out.suffix):  # a directory: the file goes inside it
+        out = out / "batch_serving.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
