@@ -136,3 +136,11 @@ def test_a_missing_optional_dependency_fails_its_subcommand_with_the_extra_named
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_a_preset_name_target_is_kept_as_a_name_for_calibrate():
+    from adacache_compile.cli import _parse_target
+
+    # A preset name is measured by the calibration (its own computed fraction), not parsed as a number.
+    assert _parse_target("fast-50") == "fast-50" and _parse_target("slow") == "slow"
+    assert _parse_target("0.3") == 0.3
