@@ -201,25 +201,23 @@ def _output_forms(recorded: dict[str, Any]) -> dict[str, tuple[int, dict[bool, p
     for name, entry in recorded.items():
         specs = {}
         for value, dumped in entry["forms"].items():
+            _import_output_module(dumped)
             try:
                 specs[value == "true"] = pytree.treespec_loads(dumped)
             except (KeyError, NotImplementedError, ValueError, TypeError):
-                if _import_output_module(dumped):
-                    specs[value == "true"] = pytree.treespec_loads(dumped)
+                continue
         forms[name] = (int(entry["leaf"]), specs)
     return forms
 
 
-def _import_output_module(dumped: str) -> bool:
+def _import_output_module(dumped: str) -> None:
     """Import diffusers when a serialised output structure names one of its classes (pytree knows a class only once
     its module registered it); nothing else is imported on a manifest's word."""
-    if '"diffusers.' not in dumped:
-        return False
-    try:
-        import diffusers.models.modeling_outputs  # noqa: F401  (registers diffusers' BaseOutput classes)
-    except ImportError:
-        return False
-    return True
+    if '"diffusers.' in dumped:
+        try:
+            import diffusers.models.modeling_outputs  # noqa: F401  (registers diffusers' BaseOutput classes)
+        except ImportError:
+            pass  # the form stays unavailable: a call asking for it is refused, naming the argument
 
 
 def _entry(manifest, runtime: dict[str, Any], programs: dict[str, Any]) -> ExportedEntry:

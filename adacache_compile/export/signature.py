@@ -80,8 +80,8 @@ OUTPUT_FORM_ARGUMENTS = ("return_dict",)
 def output_forms(entry) -> dict[str, dict[str, Any]]:
     """``{argument: {"leaf": i, "forms": {json value: out_spec}}}`` for the output-form arguments of the captured
     call: the model is run once (no_grad, the capture's example inputs) with each other value of a boolean argument,
-    to record the output structure it returns then. An argument whose other value changes the output tensors is left
-    out (a call with it is refused, naming it)."""
+    to record the output structure it returns then. An argument whose other value gives another number of output
+    tensors, or a structure pytree cannot serialise, is left out (a call with it is refused, naming it)."""
     import torch
     import torch.utils._pytree as pytree
     from torch.utils._pytree import treespec_dumps

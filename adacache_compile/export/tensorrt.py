@@ -198,31 +198,31 @@ def _runtime(trt):
     return trt.Runtime(logger_)
 
 
-class _OutputAllocator:
+def _output_allocator(trt, device):
     """TensorRT's ``IOutputAllocator`` for outputs whose shape is known only while the engine runs (the single-file
-    engine's ``If``: its deltas are empty on a skip step): TensorRT asks for the memory and reports the shape."""
+    engine's ``If``: its deltas are empty on a skip step): TensorRT asks for the memory and reports the shape. The
+    class is made here because its base comes from the lazily imported ``tensorrt``."""
 
-    def __new__(cls, trt, device):
-        class Allocator(trt.IOutputAllocator):
-            def __init__(self):
-                trt.IOutputAllocator.__init__(self)
-                self.buffers: dict[str, torch.Tensor] = {}
-                self.shapes: dict[str, tuple[int, ...]] = {}
+    class Allocator(trt.IOutputAllocator):
+        def __init__(self):
+            trt.IOutputAllocator.__init__(self)
+            self.buffers: dict[str, torch.Tensor] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
 
-            def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
-                buffer = self.buffers.get(tensor_name)
-                if buffer is None or buffer.numel() < size:
-                    buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
-                    self.buffers[tensor_name] = buffer
-                return buffer.data_ptr()
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            buffer = self.buffers.get(tensor_name)
+            if buffer is None or buffer.numel() < size:
+                buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
+                self.buffers[tensor_name] = buffer
+            return buffer.data_ptr()
 
-            def reallocate_output(self, tensor_name, memory, size, alignment):  # TensorRT before 10.0
-                return self.reallocate_output_async(tensor_name, memory, size, alignment, None)
+        def reallocate_output(self, tensor_name, memory, size, alignment):  # TensorRT before 10.0
+            return self.reallocate_output_async(tensor_name, memory, size, alignment, None)
 
-            def notify_shape(self, tensor_name, shape):
-                self.shapes[tensor_name] = tuple(shape)
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(shape)
 
-        return Allocator()
+    return Allocator()
 
 
 class TrtProgram:
@@ -292,7 +292,7 @@ class TrtProgram:
             shape = tuple(self.context.get_tensor_shape(name))
             if any(size < 0 for size in shape):
                 if self._allocator is None:
-                    self._allocator = _OutputAllocator(self._trt, self.device)
+                    self._allocator = _output_allocator(self._trt, self.device)
                 self.context.set_output_allocator(name, self._allocator)
                 outputs.append(None)
                 continue
